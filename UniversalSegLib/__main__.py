@@ -1,0 +1,6 @@
+"""``python -m UniversalSegLib`` runs the ``universalseg`` command line."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,247 @@
+"""Loading and saving Universal Model checkpoints.
+
+Two formats, both loaded without executing code from the file:
+
+* the officially released ``.pth`` files (``{"net": state_dict}``, every key prefixed ``module.``), read with
+  ``torch.load(weights_only=True)`` and matched strictly against the architecture;
+* the project's own format: a ``.safetensors`` file whose header metadata (``"universalseg"``, JSON) names the
+  architecture, width, classes, prompt template, licence and provenance, and whose tensors are the state dict.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .catalog import PROMPT_TEMPLATE, ClassCatalog
+from .errors import CheckpointError
+from .networks.universal_model import ModelConfig, UniversalModel
+
+FORMAT_NAME = "universalseg-checkpoint"
+FORMAT_VERSION = 1
+METADATA_KEY = "universalseg"
+OFFICIAL_LICENCE = "CC BY-NC-ND 4.0"
+# Modules of the Universal Model that sit beside the backbone in the released files.
+HEAD_MODULES = ("precls_conv", "GAP", "controller", "text_to_vision", "organ_embedding")
+
+
+def _list_keys(keys: set[str], limit: int = 8) -> str:
+    shown = sorted(keys)[:limit]
+    more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(shown) + more
+
+
+def _load_pth(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {path}: it needs pickle code execution, which can run arbitrary code "
+            f"({str(exc).splitlines()[0][:160]}); use an official checkpoint or a .safetensors file"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]} (corrupt or not a PyTorch file?)") from None
+
+
+def detect_official_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """Architecture and width of a released-layout state dict (keys with or without ``module.``)."""
+    keys = {k.removeprefix("module.") for k in state_dict}
+    if "backbone.down_tr64.ops.0.conv1.weight" in keys:
+        weight = state_dict.get("module.backbone.down_tr64.ops.0.conv1.weight", state_dict.get("backbone.down_tr64.ops.0.conv1.weight"))
+        return ModelConfig("unet", int(weight.shape[0]))
+    if "swinViT.patch_embed.proj.weight" in keys:
+        weight = state_dict.get("module.swinViT.patch_embed.proj.weight", state_dict.get("swinViT.patch_embed.proj.weight"))
+        return ModelConfig("swinunetr", int(weight.shape[0]))
+    raise CheckpointError(
+        "checkpoint matches neither released layout: no 'module.backbone.down_tr64...' (unet) or "
+        "'module.swinViT...' (swinunetr) keys"
+    )
+
+
+def official_to_model_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename released keys to this implementation's: drop ``module.``; Swin UNETR's backbone moves under ``backbone.``."""
+    renamed = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("module.")
+        if not name.startswith("backbone.") and name.split(".")[0] not in HEAD_MODULES:
+            name = "backbone." + name
+        renamed[name] = value
+    return renamed
+
+
+def _load_state_strict(model: UniversalModel, state: Mapping[str, torch.Tensor], source: Path) -> None:
+    expected = model.state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_list_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_list_keys(unexpected)}")
+        raise CheckpointError(f"checkpoint {source} does not match the {model.config.architecture} model; " + "; ".join(parts))
+    wrong = {k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)}
+    if wrong:
+        k = sorted(wrong)[0]
+        raise CheckpointError(
+            f"checkpoint {source} has wrong shapes for {len(wrong)} keys, e.g. {k}: "
+            f"{tuple(state[k].shape)} instead of {tuple(expected[k].shape)}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_official_checkpoint(path: str | Path) -> UniversalModel:
+    """Load a released ``clip_driven_universal_{unet,swin_unetr}.pth`` (or a file in the same layout) strictly."""
+    path = Path(path)
+    obj = _load_pth(path)
+    if not isinstance(obj, Mapping) or "net" not in obj or not isinstance(obj["net"], Mapping):
+        raise CheckpointError(f"{path} is not in the released layout: expected a dict with key 'net' holding the state dict")
+    state = dict(obj["net"])
+    not_prefixed = [k for k in state if not k.startswith("module.")]
+    if not_prefixed:
+        raise CheckpointError(f"{path}: released checkpoints prefix every key with 'module.'; unexpected keys: {_list_keys(set(not_prefixed))}")
+    config = detect_official_config(state)
+    state = official_to_model_keys(state)
+    embeddings = state.get("organ_embedding")
+    num_classes = int(embeddings.shape[0]) if embeddings is not None and embeddings.dim() == 2 else 32
+    model = UniversalModel(config, num_classes=num_classes)
+    _load_state_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, path)
+    catalog = ClassCatalog.default()
+    model.class_names = [catalog[i + 1].name for i in range(num_classes)] if num_classes <= len(catalog) else model.class_names
+    model.metadata = {
+        "format": "official",
+        "architecture": config.architecture,
+        "width": config.width,
+        "class_names": model.class_names,
+        "prompt_template": PROMPT_TEMPLATE,
+        "licence": OFFICIAL_LICENCE,
+        "licence_url": "https://creativecommons.org/licenses/by-nc-nd/4.0/",
+        "provenance": "CLIP-Driven Universal Model, (c) Johns Hopkins University (Liu et al., ICCV 2023)",
+        "source": str(path),
+    }
+    return model
+
+
+def save_checkpoint(model: UniversalModel, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write the project's format: safetensors tensors + JSON metadata. Written atomically (temp file, rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = dict(model.metadata)
+    meta.update(metadata or {})
+    meta.update(
+        {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "architecture": model.config.architecture,
+            "width": model.config.width,
+            "in_channels": model.config.in_channels,
+            "class_names": list(model.class_names),
+        }
+    )
+    meta.setdefault("prompt_template", PROMPT_TEMPLATE)
+    meta.setdefault("licence", "unspecified")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """Metadata of a project checkpoint, without reading the tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception as exc:  # safetensors raises its own error types for malformed headers
+        raise CheckpointError(f"cannot read {path} as safetensors: {str(exc).splitlines()[0][:200]}") from None
+    if raw is None:
+        raise CheckpointError(f"{path} is a safetensors file without UniversalSeg metadata ('{METADATA_KEY}' header entry)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: the '{METADATA_KEY}' metadata is not valid JSON") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    return meta
+
+
+def load_project_checkpoint(path: str | Path) -> UniversalModel:
+    """Load the project's safetensors format strictly."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_checkpoint_metadata(path)
+    try:
+        config = ModelConfig(meta["architecture"], int(meta["width"]), int(meta.get("in_channels", 1)))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: metadata does not describe a model ({exc})") from None
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read tensors of {path}: {str(exc).splitlines()[0][:200]}") from None
+    embeddings = state.get("organ_embedding")
+    if embeddings is None:
+        raise CheckpointError(f"{path} has no 'organ_embedding' tensor (the class embeddings)")
+    model = UniversalModel(config, num_classes=int(embeddings.shape[0]))
+    _load_state_strict(model, state, path)
+    names = list(meta.get("class_names") or [])
+    if len(names) != embeddings.shape[0]:
+        raise CheckpointError(f"{path}: metadata lists {len(names)} class names for {embeddings.shape[0]} embeddings")
+    model.class_names = names
+    model.metadata = meta
+    return model
+
+
+def load_checkpoint(path: str | Path) -> UniversalModel:
+    """Load either format, chosen by content (safetensors header or PyTorch zip)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # A safetensors file starts with a little-endian u64 header length followed by '{'.
+    if path.suffix == ".safetensors" or (len(head) == 8 and not head.startswith(b"PK")):
+        with open(path, "rb") as f:
+            f.seek(8)
+            if f.read(1) == b"{":
+                return load_project_checkpoint(path)
+    return load_official_checkpoint(path)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error that says what to do."""
+    from .errors import InputError
+
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("CUDA was requested but no CUDA GPU is available; use --device cpu (or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+
+
+def load_model(path_or_name: str | Path | None = None, device: str | torch.device = "cpu", *, accept_licence: bool = False) -> UniversalModel:
+    """Load a Universal Model by registry name or file path, in eval mode on ``device``.
+
+    The model carries ``class_names`` and ``class_embeddings`` (K x 512) from the checkpoint, and ``metadata``
+    (architecture, licence, provenance). ``None`` loads the registry's default model.
+    """
+    from .registry import DEFAULT_MODEL, ModelRegistry
+
+    path = ModelRegistry.default().resolve(path_or_name or DEFAULT_MODEL, accept_licence=accept_licence)
+    model = load_checkpoint(path)
+    model.metadata.setdefault("name", str(path_or_name or DEFAULT_MODEL))
+    return model.to(resolve_device(device)).eval()

@@ -1,0 +1,437 @@
+"""The ``universalseg`` command line: segment CTs (one scan or a folder), resolve prompts, list classes and models."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import InputError, UniversalSegError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+OUTPUT_SUFFIXES = {"nii": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "dicom-seg": ".dcm"}
+EXIT_USER_ERROR = 2
+EXIT_BATCH_FAILURES = 1
+EXIT_INTERRUPTED = 130
+
+
+def _add_segment_parser(sub) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="segment a CT (file or DICOM folder) or a folder of CTs",
+        description="Segment abdominal organs and tumors in CT scans with the CLIP-Driven Universal Model.",
+    )
+    p.add_argument("input", help="CT file (.nii.gz, .nrrd, .mha, .mhd), DICOM series folder, or a folder of scans (batch)")
+    p.add_argument("-o", "--output", required=True, help="output file (single scan) or folder (batch)")
+    what = p.add_argument_group("what to segment")
+    what.add_argument("--classes", help="comma-separated class names or 'all' (default: all, unless --prompt is given)")
+    what.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                      help="free text, e.g. 'IVC and both kidneys' (repeatable; combines with --classes)")
+    what.add_argument("--experimental-prompts", action="store_true",
+                      help="feed unrecognised prompt items as raw CLIP embeddings to the model (EXPERIMENTAL results)")
+    model = p.add_argument_group("model and device")
+    model.add_argument("--model", help="registry name (see 'universalseg models') or checkpoint path (default: bundled model)")
+    model.add_argument("--accept-licence", "--accept-license", action="store_true", dest="accept_licence",
+                       help="accept the model weights' licence (needed once before downloading official weights)")
+    model.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
+    run = p.add_argument_group("inference")
+    run.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default 0.5; 0.0 with --fast)")
+    run.add_argument("--fast", action="store_true", help="lower-cost mode: windows without overlap (see README, Performance)")
+    run.add_argument("--window-batch", type=int, default=1, help="windows per network call (default 1)")
+    run.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5, strictly greater)")
+    run.add_argument("--class-threshold", action="append", default=[], metavar="CLASS=T",
+                     help="per-class threshold override, e.g. 'liver tumor=0.3' (repeatable)")
+    run.add_argument("--frame", type=int, help="frame (0-based) of a 4-D input to segment")
+    run.add_argument("--force", action="store_true", help="segment even if the intensities do not look like CT (HU)")
+    post = p.add_argument_group("post-processing (published steps, on by default)")
+    post.add_argument("--no-postprocess", action="store_true", help="switch off all post-processing")
+    post.add_argument("--no-largest-component", action="store_true", help="organs keep all components, not just the largest")
+    post.add_argument("--no-lung-split", action="store_true", help="do not merge and re-split the lungs by position")
+    post.add_argument("--no-portal-vein-filter", action="store_true", help="do not clear portal/splenic vein below the pancreas")
+    post.add_argument("--no-tumor-filter", action="store_true", help="keep kidney/liver tumors outside their organs")
+    out = p.add_argument_group("outputs")
+    out.add_argument("--format", choices=sorted(OUTPUT_SUFFIXES), help="output format (default: from the output's suffix)")
+    out.add_argument("--split-masks", metavar="DIR", help="also write one binary mask per class into DIR (<file_stem>.nii.gz)")
+    out.add_argument("--summary", metavar="JSON", help="write a JSON summary (volumes in mL, model, device, timings)")
+    batch = p.add_argument_group("batch (INPUT is a folder of scans)")
+    batch.add_argument("--shard", metavar="I/N", help="process only scans with index %% N == I (0-based), e.g. $SLURM_ARRAY_TASK_ID/8")
+    batch.add_argument("--redo", action="store_true", help="segment scans whose output already exists again")
+    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                   help="progress display: a bar on stderr, JSON lines on stdout (for the Slicer module), or none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="universalseg", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"universalseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_segment_parser(sub)
+    r = sub.add_parser("resolve", help="show what a free-text prompt resolves to, without segmenting")
+    r.add_argument("text", nargs="+", help="prompt text, e.g. 'IVC and both kidneys'")
+    r.add_argument("--json", action="store_true", help="print JSON")
+    r.add_argument("--model", help="model whose class embeddings the CLIP step compares with")
+    r.add_argument("--no-clip", action="store_true", help="skip the CLIP step (no download)")
+    r.add_argument("--experimental-prompts", action="store_true", help="report unrecognised items as experimental")
+    c = sub.add_parser("classes", help="list the class catalog")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    m = sub.add_parser("models", help="list the models the engine can use, what is downloaded, and licences")
+    m.add_argument("--json", action="store_true", help="print JSON")
+    d = sub.add_parser("download", help="download a model's weights into the cache")
+    d.add_argument("name", help="registry name, e.g. universal-unet")
+    d.add_argument("--accept-licence", "--accept-license", action="store_true", dest="accept_licence")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+class _Progress:
+    """Renders engine progress as a tqdm bar (stderr) or JSON lines (stdout)."""
+
+    def __init__(self, mode: str, label: str = "") -> None:
+        self.mode = mode
+        self.label = label
+        self.bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, desc=label, unit="‰", leave=False, file=sys.stderr,
+                            bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        if self.mode == "json":
+            print(json.dumps({"progress": round(fraction, 4), "stage": stage, "input": self.label}), flush=True)
+        elif self.bar is not None:
+            self.bar.set_description_str(f"{self.label} {stage}".strip())
+            self.bar.n = int(fraction * 1000)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def _is_scan_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _case_name(path: Path) -> str:
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def find_scans(folder: Path) -> list[Path]:
+    """Scans in a batch folder: image files directly inside it, and sub-folders holding a DICOM series."""
+    from .imageio import is_dicom_series
+
+    scans = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if _is_scan_file(entry):
+            scans.append(entry)
+        elif entry.is_dir() and is_dicom_series(entry):
+            scans.append(entry)
+    return scans
+
+
+def _is_batch_input(path: Path) -> bool:
+    """A folder is a batch when it holds scan files or scan sub-folders rather than DICOM files itself."""
+    if not path.is_dir():
+        return False
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if any(_is_scan_file(p) for p in files):
+        return True
+    from .imageio import _is_dicom_file  # a folder with DICOM files directly inside is one series
+
+    return not any(_is_dicom_file(p) for p in files)
+
+
+def _class_thresholds(items: Sequence[str]) -> dict[int, float]:
+    from .catalog import ClassCatalog
+
+    catalog = ClassCatalog.default()
+    out = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        if not sep:
+            raise InputError(f"--class-threshold needs CLASS=T, got {item!r}")
+        try:
+            out[catalog.lookup(name.strip()).index] = float(value)
+        except ValueError:
+            raise InputError(f"--class-threshold {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def _postprocess_options(args):
+    from .postprocess import PostprocessOptions
+
+    if args.no_postprocess:
+        return PostprocessOptions.none()
+    return PostprocessOptions(
+        largest_component=not args.no_largest_component,
+        lungs=not args.no_lung_split,
+        portal_vein=not args.no_portal_vein_filter,
+        tumors_in_parents=not args.no_tumor_filter,
+    )
+
+
+def _output_paths(args, scan: Path | None, batch: bool):
+    """(output file, split-mask folder, summary file, format) for one scan."""
+    from .imageio import output_format
+
+    if not batch:
+        output = Path(args.output)
+        fmt = output_format(output, args.format)
+        return output, (Path(args.split_masks) if args.split_masks else None), (Path(args.summary) if args.summary else None), fmt
+    fmt = args.format or "nii"
+    name = _case_name(scan)
+    folder = Path(args.output)
+    split = Path(args.split_masks) / name if args.split_masks else None
+    summary = folder / f"{name}.summary.json"  # always written in batch mode: it marks the scan as done
+    return folder / f"{name}{OUTPUT_SUFFIXES[fmt]}", split, summary, fmt
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+def cmd_segment(args) -> int:
+    from .catalog import ClassCatalog
+    from .checkpoints import resolve_device
+    from .imageio import check_ct_intensities, check_writable, read_image, write_outputs
+    from .pipeline import NOT_ENOUGH_MEMORY, Engine, SegmentationOptions, is_out_of_memory, resolve_prompts, select_classes
+
+    catalog = ClassCatalog.default()
+    source = Path(args.input)
+    if not source.exists():
+        raise InputError(f"input not found: {source}")
+    batch = _is_batch_input(source)
+    # Check everything the user typed before loading anything heavy.
+    options = SegmentationOptions(
+        overlap=args.overlap, sw_batch_size=args.window_batch, device=args.device, fast=args.fast,
+        threshold=args.threshold, class_thresholds=_class_thresholds(args.class_threshold),
+        postprocess=_postprocess_options(args), force=args.force, frame=args.frame,
+    )
+    options.validate()
+    resolve_device(args.device)
+    classes = select_classes(args.classes, catalog) if args.classes else []
+    if batch:
+        if args.format == "dicom-seg":
+            raise InputError("--format dicom-seg needs a DICOM series input; in batch mode use nii, nrrd or seg.nrrd")
+        check_writable(Path(args.output), is_folder=True)
+        if args.split_masks:
+            check_writable(Path(args.split_masks), is_folder=True)
+        scans = find_scans(source)
+        if not scans:
+            raise InputError(f"no scans found in {source} (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM sub-folders)")
+        shard = _parse_shard(args.shard)
+        if shard:
+            scans = [s for n, s in enumerate(scans) if n % shard[1] == shard[0]]
+    else:
+        if args.shard:
+            raise InputError("--shard applies to a folder of scans, but the input is a single scan")
+        scans = [source]
+        output, split, summary, fmt = _output_paths(args, source, batch=False)
+        check_writable(output)
+        if split:
+            check_writable(split, is_folder=True)
+        if summary:
+            check_writable(summary)
+        # Read and check the scan before loading the model, so a bad input fails at once.
+        preloaded = read_image(source, frame=args.frame)
+        check_ct_intensities(preloaded, force=args.force, name=str(source))
+
+    engine = Engine(args.model, options, accept_licence=args.accept_licence)
+    report: list = []
+    extra = {}
+    if args.prompt:
+        resolution, note = resolve_prompts(args.prompt, engine.model, allow_experimental=args.experimental_prompts)
+        _print_resolution(resolution, note)
+        if resolution.rejected:
+            raise InputError(
+                "some prompt items were not recognised (see above); fix them, use --classes, or add "
+                "--experimental-prompts to try them as raw CLIP embeddings"
+            )
+        report = resolution.to_json()["items"]
+        classes = sorted(set(classes) | set(resolution.classes))
+        extra = {it.text: it.embedding for it in resolution.experimental}
+    elif not args.classes:
+        classes = [c.index for c in catalog]
+    if not classes and not extra:
+        raise InputError("no classes to segment")
+    names = ", ".join(catalog[i].name for i in classes) + (f" + {len(extra)} experimental" if extra else "")
+    _info(args, f"segmenting {names} with {engine.model.metadata.get('name')} on {engine.device}")
+    licence = engine.model.metadata.get("licence")
+    if licence:
+        _info(args, f"model weights licence: {licence}")
+
+    failures = 0
+    done = 0
+    for scan in scans:
+        output, split, summary, fmt = _output_paths(args, scan, batch)
+        if batch and not args.redo and output.exists() and summary and summary.exists():
+            _info(args, f"skip {scan.name}: {output} exists (use --redo to segment again)")
+            continue
+        progress = _Progress(args.progress, scan.name)
+        try:
+            image = scan if batch else preloaded
+            result = engine.segment(
+                image, classes, extra_embeddings=extra or None, prompt_report=report, progress=progress, input_path=scan
+            )
+            written = write_outputs(
+                result, output, fmt=fmt, split_masks=split, summary=summary,
+                dicom_source=scan if fmt == "dicom-seg" else None,
+            )
+        except UniversalSegError as exc:
+            if not batch:
+                raise
+            failures += 1
+            print(f"universalseg: error: {scan.name}: {exc}", file=sys.stderr)
+            continue
+        except (MemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if not batch:
+                raise InputError(NOT_ENOUGH_MEMORY) from None
+            failures += 1
+            print(f"universalseg: error: {scan.name}: {NOT_ENOUGH_MEMORY}", file=sys.stderr)
+            continue
+        finally:
+            progress.close()
+        done += 1
+        if args.progress == "json":
+            print(json.dumps({"done": True, "input": str(scan), "outputs": [str(p) for p in written]}), flush=True)
+        _info(args, f"{scan.name}: wrote {', '.join(str(p) for p in written)} ({result.timings.get('total', 0):.1f} s)")
+    if batch:
+        _info(args, f"batch finished: {done} segmented, {failures} failed, {len(scans) - done - failures} skipped")
+    return EXIT_BATCH_FAILURES if failures else 0
+
+
+def _info(args, message: str) -> None:
+    if args.progress != "json":
+        print(message, file=sys.stderr)
+
+
+def _print_resolution(resolution, note: str | None) -> None:
+    print("prompt resolution:", file=sys.stderr)
+    for line in resolution.describe().splitlines():
+        print(f"  {line}", file=sys.stderr)
+    if note:
+        print(f"  note: {note}", file=sys.stderr)
+
+
+def cmd_resolve(args) -> int:
+    from .pipeline import resolve_prompts
+
+    model = None
+    if args.model:
+        from .checkpoints import load_model
+
+        model = load_model(args.model)
+    resolution, note = resolve_prompts(args.text, model, allow_experimental=args.experimental_prompts, use_clip=not args.no_clip)
+    if args.json:
+        data = resolution.to_json()
+        if note:
+            data["note"] = note
+        print(json.dumps(data, indent=2))
+    else:
+        print(resolution.describe())
+        if note:
+            print(f"note: {note}")
+    return 0 if not resolution.rejected else EXIT_USER_ERROR
+
+
+def cmd_classes(args) -> int:
+    from .catalog import ClassCatalog
+
+    catalog = ClassCatalog.default()
+    rows = []
+    for c in catalog:
+        rows.append({
+            "index": c.index, "name": c.name, "file_stem": c.file_stem, "kind": c.kind, "prompt_name": c.prompt_name,
+            "synonyms": list(c.synonyms), "parents": [catalog[p].name for p in c.parents], "laterality": c.laterality,
+            "color": list(c.color), "terminology": catalog.slicer_terminology(c),
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'#':>2}  {'name':30s} {'file stem':30s} {'kind':7s} synonyms")
+    for r in rows:
+        print(f"{r['index']:>2}  {r['name']:30s} {r['file_stem']:30s} {r['kind']:7s} {', '.join(r['synonyms'][:6])}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .registry import ModelRegistry
+
+    rows = ModelRegistry.default().describe()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        default = " (default)" if r.get("default") else ""
+        print(f"{r['name']}{default}: {r.get('architecture') or r.get('kind')} — {r.get('description', '')}")
+        print(f"    licence: {r['licence']} ({r['licence_url']}){' — accepted' if r.get('licence_accepted') else ''}")
+        print(f"    status: {r['status']}  {r.get('path') if r.get('status') != 'not downloaded' else ''}  {r.get('size_text') or ''}".rstrip())
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .download import tqdm_progress
+    from .registry import ModelRegistry
+
+    registry = ModelRegistry.default()
+    entry = registry.get(args.name)
+    print(f"{entry.name}: licence {entry.licence} ({entry.licence_url})", file=sys.stderr)
+    with tqdm_progress(entry.name) as progress:
+        path = registry.download(entry.name, accept_licence=args.accept_licence, progress=progress)
+    print(path)
+    return 0
+
+
+COMMANDS = {"segment": cmd_segment, "resolve": cmd_resolve, "classes": cmd_classes, "models": cmd_models, "download": cmd_download}
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    if os.environ.get("UNIVERSALSEG_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["UNIVERSALSEG_THREADS"]))
+    # Cancel from the Slicer module (or a scheduler) arrives as SIGTERM: unwind so temporary files are removed.
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return COMMANDS[args.command](args)
+    except UniversalSegError as exc:
+        print(f"universalseg: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("universalseg: interrupted; no partial output was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,903 @@
+"""Reading CT scans and writing segmentations (pipeline steps 1 and 7).
+
+Reading goes through SimpleITK: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) and DICOM series
+(a folder, searched recursively, or one file of the series). The returned image keeps the file's geometry in
+SimpleITK terms: size/spacing in (x, y, z) order, origin and direction in LPS physical space.
+
+Writing: a multi-label map (NIfTI/NRRD), a 3D Slicer ``.seg.nrrd`` (via ``slicerio``), one binary NIfTI mask per class,
+a DICOM SEG (via ``highdicom``) and a JSON summary. Every file is written under a temporary name in its destination
+folder and renamed when complete (``os.replace``), so that a failure never leaves a partial output behind.
+
+Every problem with the user's input or output path raises :class:`~UniversalSegLib.errors.InputError` with one line
+that says what is wrong and what to do.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import struct
+import tempfile
+import warnings
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .result import SegmentationResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OUTPUT_FORMATS",
+    "read_image",
+    "check_ct_intensities",
+    "is_dicom_series",
+    "dicom_series_files",
+    "output_format",
+    "with_format_suffix",
+    "check_writable",
+    "write_label_map",
+    "write_seg_nrrd",
+    "write_split_masks",
+    "write_dicom_seg",
+    "write_summary",
+    "write_outputs",
+    "read_seg_nrrd",
+]
+
+# Output format name -> file name suffixes that imply it (first one is the default when a name has none).
+OUTPUT_FORMATS: dict[str, tuple[str, ...]] = {
+    "seg.nrrd": (".seg.nrrd",),
+    "nii": (".nii.gz", ".nii"),
+    "nrrd": (".nrrd",),  # not .nhdr: its separate data file would not follow the atomic rename
+    "dicom-seg": (".dcm",),
+}
+# Spellings accepted for --format.
+_FORMAT_ALIASES = {
+    "nii": "nii", "nii.gz": "nii", "nifti": "nii",
+    "nrrd": "nrrd",
+    "seg.nrrd": "seg.nrrd", "seg": "seg.nrrd", "slicer": "seg.nrrd",
+    "dicom-seg": "dicom-seg", "dicomseg": "dicom-seg", "dcm": "dicom-seg", "dicom": "dicom-seg",
+}
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# DICOM objects that are not images (a SEG or RTSTRUCT next to the CT must not be read as the scan).
+_NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "SR", "PR", "KO", "RTPLAN", "RTRECORD", "REG", "DOC", "RWV"}
+
+# DICOM tags kept on the returned image: Modality (checked by check_ct_intensities), SeriesInstanceUID.
+_KEPT_TAGS = ("0008|0060", "0020|000e")
+
+# CT intensity check: a CT in Hounsfield units has air (about -1000) or lung (about -850) below this value...
+_CT_LOW_HU = -300.0
+# ...in at least this fraction of its voxels (the tightest real crop in ../shared, a CT angiography, has 3 %)...
+_CT_MIN_LOW_FRACTION = 1e-4
+# ...and spans at least this many HU (normalised 0..1 or z-scored images do not).
+_CT_MIN_RANGE = 200.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_image(path: str | Path, *, frame: int | None = None) -> sitk.Image:
+    """Read a CT volume as a 3-D SimpleITK image with its geometry.
+
+    Args:
+        path: a NIfTI/NRRD/MetaImage file, a folder holding a DICOM series (the series with most files is read when
+            there are several; a warning names it), or one DICOM file (its whole series is read).
+        frame: for a 4-D image (e.g. a time series), the 0-based index of the 3-D frame to segment.
+
+    Returns:
+        a 3-D image, int16 when the voxel values are integers that fit, float32 otherwise; size (x, y, z), LPS geometry.
+        A DICOM series carries the tags ``0008|0060`` (Modality) and ``0020|000e`` (SeriesInstanceUID) as metadata.
+
+    Raises:
+        InputError: missing path, unreadable/corrupt/truncated file, not an image, 2-D image, 4-D image without a
+            frame, frame out of range, more than one value per voxel (RGB/vector), NaN/infinite values.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"input '{path}' does not exist; check the path")
+    if path.is_dir() or _is_dicom_file(path):
+        image = _read_dicom(path)
+    else:
+        image = _read_file(path)
+    tags = {key: image.GetMetaData(key) for key in _KEPT_TAGS if image.HasMetaDataKey(key)}
+    image = _to_scan_pixel_type(_to_3d(image, path, frame), path)
+    for key, value in tags.items():  # Extract and Cast drop metadata
+        image.SetMetaData(key, value)
+    return image
+
+
+def is_dicom_series(path: str | Path) -> bool:
+    """Whether ``path`` is a DICOM file or a folder that holds (in it or below it) at least one DICOM image series."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return _is_dicom_file(path)
+    if path.is_dir():
+        return bool(_dicom_series_in_folder(path))
+    return False
+
+
+def dicom_series_files(path: str | Path) -> list[Path]:
+    """Files of the DICOM series that :func:`read_image` reads for ``path`` (a folder or one file of the series),
+    in the slice order SimpleITK/GDCM uses."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"DICOM input '{path}' does not exist; check the path")
+    if path.is_file():
+        if not _is_dicom_file(path):
+            raise InputError(f"'{path}' is not a DICOM file; pass a DICOM series folder or one of its files")
+        header = _dicom_header(path)
+        _refuse_non_image(header, path)
+        uid = str(header.get("SeriesInstanceUID", ""))
+        files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path.parent), uid)) if uid else []
+        return [Path(f) for f in files] or [path]
+    series = _dicom_series_in_folder(path)
+    if not series:
+        raise InputError(
+            f"folder '{path}' holds no DICOM image series; pass a NIfTI/NRRD/MHA file or a folder of DICOM slices"
+        )
+    uid, files = max(series.items(), key=lambda item: len(item[1]))
+    if len(series) > 1:
+        others = ", ".join(f"{u} ({len(f)} files)" for u, f in series.items() if u != uid)
+        logger.warning(
+            "'%s' holds %d DICOM series; reading series %s (%d files, the most); also found: %s. "
+            "Pass the folder of one series to choose another.", path, len(series), uid, len(files), others,
+        )
+    return files
+
+
+def check_ct_intensities(image: sitk.Image, *, force: bool = False, name: str = "the input") -> None:
+    """Refuse images that do not look like a CT in Hounsfield units (an MR, a PET, a normalised image).
+
+    A CT holds air or lung below -300 HU and spans over a thousand HU; an MR has no negative values (or, normalised,
+    spans a few units). A DICOM series whose Modality tag is not CT is refused too. ``force`` skips the check.
+
+    Raises:
+        InputError: "... does not look like a CT in Hounsfield units (intensity range a..b: why); pass --force ...".
+    """
+    if force:
+        return
+    array = sitk.GetArrayViewFromImage(image)
+    lo, hi = float(array.min()), float(array.max())
+    modality = image.GetMetaData("0008|0060").strip() if image.HasMetaDataKey("0008|0060") else ""
+    reason = None
+    if modality and modality.upper() != "CT":
+        reason = f"DICOM modality {modality}, not CT"
+    elif hi - lo < _CT_MIN_RANGE:
+        reason = f"spans only {hi - lo:g}, a CT spans over 1000 HU"
+    elif np.count_nonzero(array < _CT_LOW_HU) < max(1, _CT_MIN_LOW_FRACTION * array.size):
+        reason = f"no air or lung below {_CT_LOW_HU:g} HU"
+    elif hi < _CT_LOW_HU:
+        reason = "no soft tissue, only air"
+    if reason:
+        raise InputError(
+            f"{name} does not look like a CT in Hounsfield units (intensity range {lo:g}..{hi:g}: {reason}); "
+            "pass --force to segment anyway"
+        )
+
+
+def _read_file(path: Path) -> sitk.Image:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        if "Unable to determine ImageIO reader" in str(error):
+            raise InputError(
+                f"'{path}' is not an image file SimpleITK can read; use NIfTI (.nii.gz), NRRD, MHA/MHD or a DICOM "
+                "series folder"
+            ) from None
+        reason = _itk_reason(error) or "the file is corrupt"
+        raise InputError(f"cannot read '{path}': {reason}; re-export or re-copy the scan") from None
+    _check_header(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), reader.GetPixelID())
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        # ITK fills a truncated NIfTI with zeros without an error: check the data is all there first.
+        _check_nifti_complete(path)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        reason = _itk_reason(error)
+        raise InputError(
+            f"cannot read '{path}': the file is truncated or corrupt{f' ({reason})' if reason else ''}; "
+            "re-export or re-copy it"
+        ) from None
+
+
+def _read_dicom(path: Path) -> sitk.Image:
+    files = dicom_series_files(path)
+    header = _dicom_header(files[0])
+    _refuse_non_image(header, files[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        reason = _itk_reason(error) or "a file is truncated or corrupt"
+        raise InputError(f"cannot read the DICOM series in '{path}': {reason}; check the files") from None
+    _check_header(path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(), image.GetPixelID())
+    for tag, keyword in (("0008|0060", "Modality"), ("0020|000e", "SeriesInstanceUID")):
+        value = header.get(keyword)
+        if value:
+            image.SetMetaData(tag, str(value))
+    return image
+
+
+def _check_header(path: Path, dimension: int, size: tuple[int, ...], components: int, pixel_id: int) -> None:
+    """Refuse what is not a scalar 3-D (or 4-D) volume, from the header alone (before reading the voxels)."""
+    if components > 1 or pixel_id in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        kind = "colour (RGB)" if components in (3, 4) else "vector or complex"
+        raise InputError(
+            f"'{path}' is a {kind} image with {max(components, 2)} values per voxel; a CT has one intensity per voxel "
+            "(pass the original grey-scale scan)"
+        )
+    spatial = [int(s) for s in size[:3]]
+    if dimension < 3 or min(spatial) <= 1:
+        raise InputError(
+            f"'{path}' is a 2-D image (size {'x'.join(map(str, size))}); UniversalSeg needs a 3-D CT volume "
+            "(a NIfTI/NRRD/MHA volume or a folder with the whole DICOM series)"
+        )
+    if dimension > 4:
+        raise InputError(f"'{path}' is a {dimension}-D image; UniversalSeg needs a 3-D CT volume")
+
+
+def _to_3d(image: sitk.Image, path: Path, frame: int | None) -> sitk.Image:
+    frames = image.GetSize()[3] if image.GetDimension() == 4 else 1
+    if frame is None:
+        if frames > 1:
+            raise InputError(
+                f"'{path}' is a 4-D image with {frames} frames; pass --frame N (0..{frames - 1}) to choose the 3-D "
+                "frame to segment"
+            )
+        frame = 0
+    if not 0 <= frame < frames:
+        raise InputError(
+            f"frame {frame} is out of range: '{path}' has {frames} frame{'s' if frames > 1 else ''}; "
+            f"pass --frame between 0 and {frames - 1}"
+        )
+    if image.GetDimension() == 4:
+        size = list(image.GetSize())
+        image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, frame])
+    return image
+
+
+def _to_scan_pixel_type(image: sitk.Image, path: Path) -> sitk.Image:
+    """int16 for integer scans whose values fit (half the memory of float32), float32 otherwise."""
+    pixel_id = image.GetPixelID()
+    if pixel_id == sitk.sitkInt16:
+        return image
+    array = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(array.dtype, np.integer):
+        if array.size and array.min() >= -32768 and array.max() <= 32767:
+            return sitk.Cast(image, sitk.sitkInt16)
+        return sitk.Cast(image, sitk.sitkFloat32)
+    if not np.isfinite(array).all():
+        raise InputError(f"'{path}' contains NaN or infinite voxel values; fix or re-export the scan")
+    return image if pixel_id == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+
+
+def _itk_reason(error: Exception) -> str | None:
+    """The informative part of an ITK exception message on one line, or None when it says nothing useful."""
+    text = str(error)
+    for marker in ("ITK ERROR:", "sitk::ERROR:", "Description:"):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+    if "[nrrd]" in text:  # teem nests its messages: the last one is the specific cause
+        text = text.rsplit("[nrrd]", 1)[1]
+    text = re.sub(r"\w+ImageIO\(0x[0-9a-f]+\):\s*", "", text)
+    text = re.sub(r"\s+", " ", text).strip().rstrip(".")
+    # MetaImage reports a stale errno ("Reason: No such file or directory") for a short file.
+    if not text or "No such file or directory" in text:
+        return None
+    return text[:160]
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Raise InputError when a NIfTI file holds fewer bytes than its header promises (truncated download/copy)."""
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with open(path, "rb") as f:
+            if gz:
+                head, total = _gunzip_head_and_length(f, 544, path)
+            else:
+                head = f.read(544)
+                total = os.fstat(f.fileno()).st_size
+    except OSError as error:
+        raise InputError(f"cannot read '{path}': {error.strerror}; check the file's permissions") from None
+    expected = _nifti_expected_bytes(head)
+    if expected is None:
+        raise InputError(f"cannot read '{path}': it has no valid NIfTI header; re-export or re-copy the scan")
+    if total < expected:
+        raise InputError(
+            f"cannot read '{path}': the file is truncated ({total} of {expected} bytes of image data); "
+            "re-export or re-copy the scan"
+        )
+
+
+def _gunzip_head_and_length(f, head_bytes: int, path: Path) -> tuple[bytes, int]:
+    """Stream-decompress a (possibly multi-member) gzip file: its first bytes and its decompressed length.
+
+    Raises InputError when the data is corrupt or the stream ends inside a member (a truncated file).
+    """
+    head, total = b"", 0
+    decompressor, pending, trailing = zlib.decompressobj(16 + zlib.MAX_WBITS), False, False
+    try:
+        while not trailing:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            while chunk:
+                pending = True
+                out = decompressor.decompress(chunk)
+                total += len(out)
+                if len(head) < head_bytes:
+                    head += out[: head_bytes - len(head)]
+                chunk = b""
+                if decompressor.eof:
+                    chunk = decompressor.unused_data
+                    decompressor, pending = zlib.decompressobj(16 + zlib.MAX_WBITS), False
+                    if chunk and not chunk.startswith(b"\x1f\x8b"):
+                        trailing = True  # padding after the last member: ignored, as gzip does
+                        chunk = b""
+    except zlib.error as error:
+        raise InputError(f"cannot read '{path}': the gzip data is corrupt ({error}); re-export or re-copy it") from None
+    if pending:
+        raise InputError(f"cannot read '{path}': the file is truncated (the gzip stream ends early); re-copy it")
+    return head, total
+
+
+def _nifti_expected_bytes(head: bytes) -> int | None:
+    """vox_offset + voxel data size from a NIfTI-1 or NIfTI-2 header (either byte order); None if not NIfTI."""
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            vox_offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            dims = struct.unpack(endian + "8q", head[16:80])
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            vox_offset = struct.unpack(endian + "q", head[168:176])[0]
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : ndim + 1]], dtype=np.int64))
+    return int(vox_offset) + voxels * bitpix // 8
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as f:
+            preamble = f.read(132)
+    except OSError:
+        return False
+    if preamble[128:132] == b"DICM":
+        return True
+    # Old DICOM files without the preamble: let pydicom decide, but only for files named like DICOM.
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return _dicom_header(path) is not None
+    return False
+
+
+def _dicom_header(path: Path):
+    import pydicom
+
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - pydicom raises many kinds of error for a bad file
+        return None
+
+
+def _refuse_non_image(header, path: Path) -> None:
+    if header is None:
+        raise InputError(f"cannot read '{path}' as DICOM; check that it is a DICOM image file")
+    modality = str(header.get("Modality", "")).upper()
+    if modality in _NON_IMAGE_MODALITIES:
+        raise InputError(
+            f"'{path}' is a DICOM {modality} object, not an image series; pass the folder of the CT series"
+        )
+
+
+def _dicom_series_in_folder(folder: Path) -> dict[str, list[Path]]:
+    """Image series found in ``folder`` and below: SeriesInstanceUID -> files in GDCM slice order."""
+    uids: list[str] = []
+    for root, _dirs, files in os.walk(folder):
+        # Ask GDCM only about folders with a DICOM-looking file (it warns on stderr about every other folder).
+        if not any(_is_dicom_file(Path(root, name)) for name in files):
+            continue
+        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):
+            if uid not in uids:
+                uids.append(uid)
+    series: dict[str, list[Path]] = {}
+    for uid in uids:
+        files = [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid, False, True)]
+        if not files:
+            continue
+        header = _dicom_header(files[0])
+        if header is None or str(header.get("Modality", "")).upper() in _NON_IMAGE_MODALITIES:
+            continue
+        series[uid] = files
+    return series
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output paths
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _format_from_suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    for fmt, suffixes in OUTPUT_FORMATS.items():  # ".seg.nrrd" is tested before ".nrrd"
+        if name.endswith(suffixes):
+            return fmt
+    return None
+
+
+def output_format(path: str | Path, fmt: str | None = None) -> str:
+    """The output format ("nii", "nrrd", "seg.nrrd" or "dicom-seg") from ``--format`` or else the file name suffix.
+
+    Raises:
+        InputError: unknown ``fmt``, a name whose suffix says another format than ``fmt``, or no format at all.
+    """
+    path = Path(path)
+    implied = _format_from_suffix(path)
+    if fmt is not None:
+        chosen = _FORMAT_ALIASES.get(fmt.strip().lower())
+        if chosen is None:
+            raise InputError(f"unknown output format '{fmt}'; use one of: {', '.join(OUTPUT_FORMATS)}")
+        if implied is not None and implied != chosen:
+            raise InputError(
+                f"output name '{path.name}' is a {implied} name but --format is {chosen}; "
+                f"name the file *{OUTPUT_FORMATS[chosen][0]} or drop --format"
+            )
+        return chosen
+    if implied is None:
+        raise InputError(
+            f"cannot tell the output format of '{path.name}'; name it *.nii.gz, *.nrrd, *.seg.nrrd or *.dcm, "
+            "or pass --format nii|nrrd|seg.nrrd|dicom-seg"
+        )
+    return implied
+
+
+def with_format_suffix(path: str | Path, fmt: str) -> Path:
+    """``path`` with the default suffix of ``fmt`` appended when its name has no output suffix (``out`` -> ``out.nii.gz``)."""
+    path = Path(path)
+    return path if _format_from_suffix(path) else path.with_name(path.name + OUTPUT_FORMATS[fmt][0])
+
+
+def check_writable(path: str | Path, *, is_folder: bool = False) -> None:
+    """Raise InputError, before any computation, when the output ``path`` (a file, or a folder if ``is_folder``) cannot
+    be written. Missing parent folders are fine when the nearest existing one is writable (they are created on write).
+
+    Writability is probed with a real temporary file: permission bits do not tell (root, read-only mounts).
+    """
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != is_folder:
+        what = "a folder" if path.is_dir() else "a file"
+        hint = f"give a file name such as '{path / 'segmentation.nii.gz'}'" if path.is_dir() else "choose a folder path"
+        raise InputError(f"output '{path}' is {what}; {hint}")
+    probe = path if is_folder else path.parent
+    probe = probe if str(probe) else Path(".")
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"cannot write output '{path}': '{probe}' is a file, not a folder; choose another output path")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as error:
+        raise InputError(
+            f"cannot write output '{path}': folder '{probe}' is not writable ({error.strerror}); "
+            "choose another output path"
+        ) from None
+
+
+@contextmanager
+def _atomic_output(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``dest`` (same suffix, so writers pick the same format); rename it to ``dest``
+    when the block succeeds, delete it when it fails. OS errors become InputError naming ``dest``."""
+    dest = Path(dest).expanduser()
+    suffix = next((s for s in (".seg.nrrd", *_IMAGE_SUFFIXES, ".json", ".dcm") if dest.name.lower().endswith(s)), "")
+    tmp = dest.with_name(f".{dest.name[: len(dest.name) - len(suffix)]}.{secrets.token_hex(4)}.part{suffix}")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, dest)
+    except OSError as error:
+        _remove_quietly(tmp)
+        raise InputError(f"cannot write '{dest}': {error.strerror or error}; choose another output path") from None
+    except RuntimeError as error:  # SimpleITK writer errors
+        _remove_quietly(tmp)
+        reason = _itk_reason(error) or "the writer failed"
+        raise InputError(f"cannot write '{dest}': {reason}; choose another output path") from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def write_label_map(result: "SegmentationResult", path: str | Path, fmt: str | None = None) -> Path:
+    """Write the multi-label map (0 background, value = catalog index, tumor over organ) on the input's grid.
+
+    ``fmt`` is "nii" or "nrrd" (default: from the suffix). uint8 when all indices are < 256, uint16 otherwise.
+    """
+    path = Path(path)
+    fmt = output_format(path, fmt)
+    if fmt not in ("nii", "nrrd"):
+        raise InputError(f"a label map is written as nii or nrrd, not {fmt}")
+    path = with_format_suffix(path, fmt)
+    image = result.label_image()
+    with _atomic_output(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+    return path
+
+
+def _segment_layers(result: "SegmentationResult") -> tuple[np.ndarray, dict[int, int]]:
+    """Pack the class masks into as few label layers as possible without overlaps (a class goes to the first layer
+    where it overlaps nothing, as 3D Slicer does). Returns the (layers, z, y, x) array, value = catalog index, and
+    the layer of each class."""
+    dtype = np.uint8 if max(result.masks, default=0) < 256 else np.uint16
+    layers: list[np.ndarray] = []
+    layer_of: dict[int, int] = {}
+    for index in sorted(result.masks):
+        mask = result.masks[index]
+        for number, layer in enumerate(layers):
+            if not mask.array.size or not layer[mask.slices()][mask.array].any():
+                break
+        else:
+            layers.append(np.zeros(result.geometry.array_shape, dtype=dtype))
+            number, layer = len(layers) - 1, layers[-1]
+        if mask.array.size:
+            layer[mask.slices()][mask.array] = index
+        layer_of[index] = number
+    if not layers:
+        layers.append(np.zeros(result.geometry.array_shape, dtype=dtype))
+    return np.stack(layers), layer_of
+
+
+def _ijk_to_lps(geometry) -> np.ndarray:
+    """4x4 matrix from voxel index (i, j, k) = (x, y, z) to LPS millimetres."""
+    matrix = np.eye(4)
+    direction = np.asarray(geometry.direction, dtype=float).reshape(3, 3)
+    matrix[:3, :3] = direction * np.asarray(geometry.spacing, dtype=float)[None, :]
+    matrix[:3, 3] = geometry.origin
+    return matrix
+
+
+def write_seg_nrrd(result: "SegmentationResult", path: str | Path) -> Path:
+    """Write a 3D Slicer segmentation (``.seg.nrrd``) with ``slicerio``.
+
+    One segment per class: ID = file stem, name = display name, colour = catalog colour (0..1 floats), terminology =
+    :meth:`ClassCatalog.slicer_terminology`, label value = catalog index. Overlapping classes (a tumor in its organ)
+    go to further layers (a 4-D ``list domain domain domain`` NRRD), so every class mask is stored exactly.
+    Voxels are written in (i, j, k) = (x, y, z) order with the input's LPS geometry.
+    """
+    import slicerio
+    from slicerio.segmentation import terminology_entry_from_string
+
+    path = with_format_suffix(Path(path), "seg.nrrd")
+    if output_format(path) != "seg.nrrd":
+        raise InputError(f"a Slicer segmentation must be named *.seg.nrrd, not '{path.name}'")
+    layers, layer_of = _segment_layers(result)
+    size = result.geometry.size
+    full_extent = [0, size[0] - 1, 0, size[1] - 1, 0, size[2] - 1]
+    segments = []
+    for info, _mask in result:
+        segments.append({
+            "id": info.file_stem,
+            "name": info.name,
+            "nameAutoGenerated": False,
+            "color": [c / 255.0 for c in info.color],
+            "colorAutoGenerated": False,
+            "labelValue": info.index,
+            "layer": layer_of[info.index],
+            # Full extent for every segment: older Slicer versions read a whole layer with its first segment's extent.
+            "extent": full_extent,
+            "terminology": terminology_entry_from_string(result.catalog.slicer_terminology(info)),
+        })
+    # (layers, z, y, x) -> (layers, x, y, z): slicerio/pynrrd write axis 0 fastest ("F" index order).
+    voxels = layers.transpose(0, 3, 2, 1) if layers.shape[0] > 1 else layers[0].transpose(2, 1, 0)
+    segmentation = {
+        "voxels": voxels,
+        "ijkToLPS": _ijk_to_lps(result.geometry),
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "referenceImageExtentOffset": [0, 0, 0],
+        "segments": segments,
+    }
+    with _atomic_output(path) as tmp:
+        slicerio.write_segmentation(str(tmp), segmentation, compression_level=6)
+    return path
+
+
+def write_split_masks(result: "SegmentationResult", folder: str | Path) -> list[Path]:
+    """Write one binary uint8 NIfTI mask per class, ``<folder>/<file_stem>.nii.gz`` (TotalSegmentator layout), on the
+    input's grid. Overlaps are kept (a voxel can be in its organ's and its tumor's mask). If one file fails, those
+    already written by this call are removed."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"split-mask output '{folder}' is a file; give a folder path")
+    written: list[Path] = []
+    try:
+        for info, _mask in result:
+            path = folder / f"{info.file_stem}.nii.gz"
+            with _atomic_output(path) as tmp:
+                sitk.WriteImage(result.mask_image(info.index), str(tmp), useCompression=True)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            _remove_quietly(path)
+        raise
+    return written
+
+
+def write_summary(result: "SegmentationResult", path: str | Path) -> Path:
+    """Write ``result.summary()`` as indented JSON."""
+    path = Path(path)
+    text = json.dumps(result.summary(), indent=2, default=_json_default)
+    with _atomic_output(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _software_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("universalseg")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (e.g. run from a checkout)
+        return "0.1.0"
+
+
+def write_dicom_seg(result: "SegmentationResult", path: str | Path, source_dicom_folder: str | Path | None) -> Path:
+    """Write a DICOM Segmentation (BINARY) that references the source CT series, with ``highdicom``.
+
+    One segment per class, labelled with its display name, with the catalog's SNOMED CT category/type (and laterality
+    as a type modifier, anatomic region for lesions), its colour, and algorithm identification = model name and
+    software version. ``source_dicom_folder`` is what the CT was read from (the series folder or one of its files); the
+    same series as :func:`read_image` is used. Memory: frames x rows x columns x classes booleans.
+
+    Raises:
+        InputError: the input was not DICOM, or the series does not match the segmentation grid.
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    path = Path(path)
+    if source_dicom_folder is None or not is_dicom_series(source_dicom_folder):
+        raise InputError(
+            f"a DICOM SEG output needs a DICOM series input, and '{source_dicom_folder}' is not one; "
+            "choose --format nii, nrrd or seg.nrrd"
+        )
+    if not result.masks:
+        raise InputError("nothing to write: the segmentation has no classes; request at least one class")
+    files = dicom_series_files(source_dicom_folder)
+    sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
+    slice_of = _source_slice_indices(sources, result.geometry, source_dicom_folder)
+
+    def concept(code):
+        return hd.sr.CodedConcept(value=code.code, scheme_designator=code.scheme, meaning=code.meaning)
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=(result.model_name or "UniversalSeg")[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        version=_software_version(),
+        source="UniversalSeg",
+    )
+    descriptions = []
+    infos = result.classes
+    for number, info in enumerate(infos, start=1):
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=info.name[:64],
+            segmented_property_category=concept(info.category),
+            segmented_property_type=concept(info.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_id=info.file_stem[:64],
+            tracking_uid=hd.UID(),
+            anatomic_regions=[concept(info.anatomic_region)] if info.anatomic_region else None,
+            display_color=hd.color.CIELabColor.from_rgb(*info.color),
+        )
+        if info.type_modifier is not None:
+            # highdicom has no argument for it; DICOM nests it in the type code item.
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                concept(info.type_modifier)
+            ]
+        descriptions.append(description)
+
+    rows, cols = result.geometry.size[1], result.geometry.size[0]
+    pixels = np.zeros((len(sources), rows, cols, max(len(infos), 1)), dtype=bool)
+    for channel, info in enumerate(infos):
+        mask = result.masks[info.index]
+        if mask.array.size:
+            pixels[:, :, :, channel] = result.mask_array(info.index).astype(bool)[slice_of]
+    first = sources[0]
+    extra: dict[str, Any] = {}
+    if not first.get("SpecificCharacterSet"):
+        extra["specific_character_set"] = None  # empty in some scanners' files: keep the default repertoire
+    with warnings.catch_warnings():
+        # highdicom warns about the source's patient name format, which is not ours to fix.
+        warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
+        seg = _build_segmentation(hd, sources, pixels, descriptions, result, first, extra)
+    with _atomic_output(path) as tmp:
+        seg.save_as(str(tmp))
+    return path
+
+
+def _build_segmentation(hd, sources, pixels, descriptions, result, first, extra):
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=int(first.get("SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="UniversalSeg",
+        manufacturer_model_name=(result.model_name or "UniversalSeg")[:64],
+        software_versions=_software_version(),
+        device_serial_number="0",
+        content_description="UniversalSeg automatic segmentation"[:64],
+        content_label="UNIVERSALSEG",
+        series_description=f"UniversalSeg {result.model_name}".strip()[:64],
+        **extra,
+    )
+
+
+def _source_slice_indices(sources: list, geometry, source: Any) -> np.ndarray:
+    """For each source DICOM slice, the z index of the segmentation grid it lies on (checked to match exactly)."""
+    size = geometry.size
+    matrix = _ijk_to_lps(geometry)
+    inverse = np.linalg.inv(matrix)
+    indices = []
+    for ds in sources:
+        if int(ds.Rows) != size[1] or int(ds.Columns) != size[0]:
+            raise InputError(
+                f"the DICOM series in '{source}' has {ds.Columns}x{ds.Rows} slices but the segmentation is "
+                f"{size[0]}x{size[1]}; write the DICOM SEG from the same series that was segmented"
+            )
+        ijk = inverse @ np.r_[np.asarray(ds.ImagePositionPatient, dtype=float), 1.0]
+        k = int(round(ijk[2]))
+        if abs(ijk[0]) > 0.05 or abs(ijk[1]) > 0.05 or abs(ijk[2] - k) > 0.05 or not 0 <= k < size[2]:
+            raise InputError(
+                f"a slice of the DICOM series in '{source}' does not lie on the segmentation grid; write the DICOM SEG "
+                "from the same series that was segmented"
+            )
+        indices.append(k)
+    if len(indices) != size[2] or len(set(indices)) != size[2]:
+        raise InputError(
+            f"the DICOM series in '{source}' has {len(indices)} slices for a segmentation of {size[2]}; write the "
+            "DICOM SEG from the same series that was segmented"
+        )
+    return np.asarray(indices)
+
+
+def write_outputs(
+    result: "SegmentationResult",
+    output: str | Path,
+    *,
+    fmt: str | None = None,
+    split_masks: str | Path | None = None,
+    summary: str | Path | None = None,
+    dicom_source: str | Path | None = None,
+) -> list[Path]:
+    """Write everything asked for: the main output (``fmt`` or from the suffix), optional split masks and summary.
+
+    Each file is written atomically; the main output is written last (batch runs treat it as "done"), and if any
+    write fails the files already written by this call are removed. Returns the written paths.
+    """
+    output = Path(output).expanduser()
+    fmt = output_format(output, fmt)
+    output = with_format_suffix(output, fmt)
+    check_writable(output)
+    if split_masks is not None:
+        check_writable(Path(split_masks), is_folder=True)
+    if summary is not None:
+        check_writable(Path(summary))
+    if fmt == "dicom-seg" and (dicom_source is None or not is_dicom_series(dicom_source)):
+        raise InputError(
+            "a DICOM SEG output needs a DICOM series input; choose --format nii, nrrd or seg.nrrd for this input"
+        )
+    written: list[Path] = []
+    try:
+        if summary is not None:
+            written.append(write_summary(result, summary))
+        if split_masks is not None:
+            written.extend(write_split_masks(result, split_masks))
+        if fmt == "seg.nrrd":
+            written.append(write_seg_nrrd(result, output))
+        elif fmt == "dicom-seg":
+            written.append(write_dicom_seg(result, output, dicom_source))
+        else:
+            written.append(write_label_map(result, output, fmt))
+    except BaseException:
+        for path in written:
+            _remove_quietly(path)
+        raise
+    return written
+
+
+def read_seg_nrrd(path: str | Path) -> dict[str, Any]:
+    """Read a ``.seg.nrrd`` back (used by tests and the Slicer module).
+
+    Returns:
+        ``{"geometry": ImageGeometry, "segments": [{"id", "name", "color" (r, g, b floats 0..1), "terminology" (Slicer
+        terminology string or None), "label_value", "layer", "mask" (bool array, SimpleITK order z, y, x)}, ...]}``.
+    """
+    import slicerio
+    from slicerio.segmentation import terminology_entry_to_string
+
+    from .result import ImageGeometry
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"segmentation '{path}' does not exist; check the path")
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as error:  # noqa: BLE001 - pynrrd/slicerio raise several kinds
+        raise InputError(f"cannot read '{path}' as a Slicer segmentation ({error}); check the file") from None
+    matrix = np.asarray(segmentation["ijkToLPS"], dtype=float)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    direction = matrix[:3, :3] / spacing[None, :]
+    voxels = segmentation["voxels"]
+    size = tuple(int(s) for s in voxels.shape[-3:])
+    geometry = ImageGeometry(
+        size=size,  # type: ignore[arg-type]
+        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in matrix[:3, 3]),  # type: ignore[arg-type]
+        direction=tuple(float(d) for d in direction.ravel()),
+    )
+    segments = []
+    for segment in segmentation.get("segments", []):
+        terminology = segment.get("terminology")
+        segments.append({
+            "id": segment.get("id"),
+            "name": segment.get("name"),
+            "color": tuple(segment["color"]) if "color" in segment else None,
+            "terminology": terminology_entry_to_string(terminology) if terminology else None,
+            "label_value": int(segment.get("labelValue", 1)),
+            "layer": int(segment.get("layer", 0)),
+            "mask": np.ascontiguousarray(slicerio.segment_mask(segmentation, segment).transpose(2, 1, 0)),
+        })
+    return {"geometry": geometry, "segments": segments}

@@ -1,0 +1,379 @@
+"""The segmentation engine: CT in, per-class masks on the input grid out.
+
+One code path for the CLI, the Slicer module, scripts and benchmarks::
+
+    from UniversalSegLib import segment
+    result = segment("ct.nii.gz", classes="liver,spleen")
+    result.label_image()   # SimpleITK multi-label map on the input grid
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .catalog import ClassCatalog, ClassInfo
+from .checkpoints import load_model, resolve_device
+from .errors import ClassNameError, InputError, UniversalSegError
+from .imageio import check_ct_intensities, read_image
+from .inferer import Cancelled, SlidingWindowSegmenter, count_windows
+from .networks.universal_model import UniversalModel
+from .postprocess import PostprocessOptions, dependencies, postprocess
+from .preprocessing import TARGET_SPACING_MM, Preprocessed, preprocess
+from .result import CroppedMask, ImageGeometry, SegmentationResult
+
+ProgressCallback = Callable[[float, str], None]
+
+DEFAULT_OVERLAP = 0.5
+# --fast: windows without overlap (about 8x fewer windows than overlap 0.5 on large scans) at the training spacing.
+FAST_OVERLAP = 0.0
+
+# Share of the progress bar each stage takes (windows dominate the run time).
+_STAGES = {"read": (0.0, 0.03), "preprocess": (0.03, 0.08), "windows": (0.08, 0.85), "postprocess": (0.85, 0.9), "resample": (0.9, 1.0)}
+
+
+NOT_ENOUGH_MEMORY = "not enough memory for this scan; try --fast, fewer classes, or --device cpu on a machine with more memory"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for allocation failures (NumPy's MemoryError, PyTorch's CPU allocator RuntimeError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:  # MONAI wraps transform errors: look through the chain
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError):
+            return True
+        text = str(exc)
+        if isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@dataclass
+class SegmentationOptions:
+    """How to run the engine. ``overlap=None`` means 0.5, or 0.0 with ``fast``."""
+
+    overlap: float | None = None
+    sw_batch_size: int = 1
+    device: str = "auto"
+    fast: bool = False
+    threshold: float = 0.5
+    class_thresholds: dict[int, float] = field(default_factory=dict)
+    postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
+    force: bool = False
+    frame: int | None = None
+    spacing: tuple[float, float, float] = TARGET_SPACING_MM
+
+    @property
+    def effective_overlap(self) -> float:
+        if self.overlap is not None:
+            return self.overlap
+        return FAST_OVERLAP if self.fast else DEFAULT_OVERLAP
+
+    def validate(self) -> None:
+        if not 0.0 <= self.effective_overlap < 1.0:
+            raise InputError(f"overlap must be at least 0 and below 1, got {self.effective_overlap}")
+        if self.sw_batch_size < 1:
+            raise InputError(f"window batch size must be at least 1, got {self.sw_batch_size}")
+        for index, t in {0: self.threshold, **self.class_thresholds}.items():
+            if not 0.0 < t < 1.0:
+                raise InputError(f"threshold must be between 0 and 1 (exclusive), got {t}" + (f" for class {index}" if index else ""))
+
+
+def select_classes(classes: str | int | Iterable[str | int] | None, catalog: ClassCatalog) -> list[int]:
+    """Catalog indices for ``"all"``, ``"liver,spleen"``, names, or indices. Unknown names raise ClassNameError."""
+    if classes is None:
+        return []
+    if isinstance(classes, int):
+        classes = [classes]
+    if isinstance(classes, str):
+        classes = [c for c in classes.split(",") if c.strip()]
+    indices: set[int] = set()
+    for item in classes:
+        if isinstance(item, (int, np.integer)):
+            indices.add(catalog[int(item)].index)
+        elif str(item).strip().lower() == "all":
+            indices.update(c.index for c in catalog)
+        else:
+            indices.add(catalog.lookup(str(item).strip()).index)
+    return sorted(indices)
+
+
+def _stage(progress: ProgressCallback | None, stage: str, fraction: float = 0.0, detail: str = "") -> None:
+    if progress is None:
+        return
+    lo, hi = _STAGES[stage]
+    progress(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), detail or stage)
+
+
+def _model_channels(model: UniversalModel, wanted: Sequence[int], catalog: ClassCatalog) -> dict[int, int]:
+    """Map catalog index -> row of the model's class embeddings, for every wanted class."""
+    rows = {}
+    known = {name.lower(): row for row, name in enumerate(model.class_names)}
+    for index in wanted:
+        info = catalog[index]
+        row = known.get(info.name.lower(), known.get(info.prompt_name.lower()))
+        if row is None:
+            raise ClassNameError(
+                f"model {model.metadata.get('name', '')!r} was not trained for {info.name!r}; it knows: "
+                + ", ".join(model.class_names)
+            )
+        rows[index] = row
+    return rows
+
+
+class Engine:
+    """A loaded model plus options, reusable across many scans (the CLI's batch mode keeps one)."""
+
+    def __init__(self, model: UniversalModel | str | Path | None = None, options: SegmentationOptions | None = None, *, accept_licence: bool = False) -> None:
+        self.options = options or SegmentationOptions()
+        self.options.validate()
+        self.device = resolve_device(self.options.device)
+        if isinstance(model, UniversalModel):
+            self.model = model.to(self.device).eval()
+        else:
+            self.model = load_model(model, device=self.device, accept_licence=accept_licence)
+        self.catalog = ClassCatalog.default()
+
+    def segment(
+        self,
+        image_or_path: sitk.Image | str | Path,
+        classes: str | Iterable[str | int] | None = "all",
+        *,
+        extra_embeddings: dict[str, torch.Tensor] | None = None,
+        prompt_report: list | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: Callable[[], bool] | None = None,
+        input_path: str | Path | None = None,
+    ) -> SegmentationResult:
+        """Segment one CT. ``classes``: catalog names/indices or "all"; ``extra_embeddings``: experimental free-text
+        classes (text -> 512-d CLIP embedding), returned with indices above the catalog's. ``input_path`` names the
+        source in the summary when an already-read image is given."""
+        try:
+            prediction = self.predict(
+                image_or_path, classes, extra_embeddings=extra_embeddings, progress=progress, cancel=cancel, input_path=input_path
+            )
+            return self.finish(prediction, prompt_report=prompt_report, progress=progress, cancel=cancel)
+        except torch.cuda.OutOfMemoryError:
+            raise InputError("not enough GPU memory for this scan; try --fast, a smaller window batch, or --device cpu") from None
+        except (MemoryError, RuntimeError) as exc:
+            if is_out_of_memory(exc):
+                raise InputError(NOT_ENOUGH_MEMORY) from None
+            raise
+
+    def predict(
+        self,
+        image_or_path: sitk.Image | str | Path,
+        classes: str | Iterable[str | int] | None = "all",
+        *,
+        extra_embeddings: dict[str, torch.Tensor] | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: Callable[[], bool] | None = None,
+        input_path: str | Path | None = None,
+    ) -> "Prediction":
+        """Read, preprocess, run the windows and threshold: masks on the preprocessed grid, before post-processing."""
+        opts = self.options
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        _stage(progress, "read")
+        input_path = str(input_path) if input_path is not None else None
+        if isinstance(image_or_path, sitk.Image):
+            image = image_or_path
+        else:
+            input_path = str(image_or_path)
+            image = read_image(image_or_path, frame=opts.frame)
+        check_ct_intensities(image, force=opts.force, name=input_path or "the input")
+        timings["read"] = time.perf_counter() - t0
+
+        requested = select_classes(classes, self.catalog)
+        extra = dict(extra_embeddings or {})
+        if not requested and not extra:
+            raise InputError("no classes to segment; name classes (e.g. --classes liver,spleen or --classes all) or give a --prompt")
+        needed = sorted(set(requested) | dependencies(requested, opts.postprocess))
+        rows = _model_channels(self.model, needed, self.catalog)
+        embeddings = [self.model.class_embeddings[rows[i]] for i in needed]
+        extra_indices = {}
+        for n, (text, emb) in enumerate(extra.items()):
+            extra_indices[len(self.catalog) + 1 + n] = text
+            embeddings.append(torch.as_tensor(emb, dtype=torch.float32, device=self.model.organ_embedding.device).reshape(-1))
+        channel_classes = needed + list(extra_indices)
+
+        t = time.perf_counter()
+        _stage(progress, "preprocess")
+        pre = preprocess(image, spacing=opts.spacing)
+        timings["preprocess"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        overlap = opts.effective_overlap
+        segmenter = SlidingWindowSegmenter(
+            self.model,
+            overlap=overlap,
+            sw_batch_size=opts.sw_batch_size,
+            device=self.device,
+            progress=(lambda f, d: _stage(progress, "windows", f, d)) if progress else None,
+            cancel=cancel,
+        )
+        logits = segmenter(pre.image[None], torch.stack(embeddings))[0]
+        timings["windows"] = time.perf_counter() - t
+
+        masks: dict[int, np.ndarray] = {}
+        for channel, index in enumerate(channel_classes):
+            threshold = opts.class_thresholds.get(index, opts.threshold)
+            # Published rule: a voxel belongs to the class when sigmoid(logit) is strictly above the threshold.
+            masks[index] = (torch.sigmoid(logits[channel]) > threshold).numpy()
+        del logits
+        return Prediction(
+            image_geometry=ImageGeometry.of(image),
+            preprocessed=pre,
+            masks=masks,
+            requested=requested,
+            computed=needed,
+            experimental=extra_indices,
+            overlap=overlap,
+            windows=count_windows(pre.shape, overlap=overlap),
+            timings=timings,
+            input_path=input_path,
+        )
+
+    def finish(
+        self,
+        prediction: "Prediction",
+        *,
+        postprocess_options: PostprocessOptions | None = None,
+        prompt_report: list | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> SegmentationResult:
+        """Post-process a prediction (in the preprocessed grid, as published) and bring the requested classes back
+        to the input grid. ``prediction`` is not modified, so it can be finished with other options again."""
+        opts = self.options
+        post_opts = postprocess_options or opts.postprocess
+        timings = dict(prediction.timings)
+        catalog_size = len(self.catalog)
+        t = time.perf_counter()
+        _stage(progress, "postprocess")
+        masks = dict(prediction.masks)
+        masks.update(postprocess({i: m for i, m in masks.items() if i <= catalog_size}, post_opts))
+        timings["postprocess"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        outputs = prediction.requested + list(prediction.experimental)
+        cropped: dict[int, CroppedMask] = {}
+        for n, index in enumerate(outputs):
+            if cancel is not None and cancel():
+                raise Cancelled("segmentation cancelled")
+            _stage(progress, "resample", n / max(len(outputs), 1), f"resample {n + 1}/{len(outputs)}")
+            cropped[index] = CroppedMask.from_full(prediction.preprocessed.invert_mask(masks[index]))
+        timings["resample"] = time.perf_counter() - t
+        timings["total"] = sum(v for k, v in timings.items() if k != "total")
+        _stage(progress, "resample", 1.0, "done")
+
+        extra_classes = {index: _experimental_class(index, text, self.catalog) for index, text in prediction.experimental.items()}
+        meta = self.model.metadata
+        return SegmentationResult(
+            geometry=prediction.image_geometry,
+            masks=cropped,
+            catalog=self.catalog,
+            model_name=str(meta.get("name", meta.get("source", ""))),
+            model_licence=str(meta.get("licence", "")),
+            device=str(self.device),
+            timings=timings,
+            settings={
+                "overlap": prediction.overlap,
+                "fast": opts.fast,
+                "window_batch": opts.sw_batch_size,
+                "threshold": opts.threshold,
+                "class_thresholds": {str(k): v for k, v in opts.class_thresholds.items()},
+                "postprocess": asdict(post_opts),
+                "spacing_mm": list(opts.spacing),
+                "preprocessed_shape": list(prediction.preprocessed.shape),
+                "windows": prediction.windows,
+                "computed_classes": prediction.computed,
+            },
+            prompt_report=list(prompt_report or []),
+            experimental=dict(prediction.experimental),
+            extra_classes=extra_classes,
+            input_path=prediction.input_path,
+        )
+
+
+@dataclass
+class Prediction:
+    """Thresholded masks on the preprocessed grid (bool (X, Y, Z), RAS, 1.5 mm, cropped), before post-processing."""
+
+    image_geometry: ImageGeometry
+    preprocessed: Preprocessed
+    masks: dict[int, np.ndarray]
+    requested: list[int]
+    computed: list[int]
+    experimental: dict[int, str]
+    overlap: float
+    windows: int
+    timings: dict[str, float]
+    input_path: str | None = None
+
+
+def _experimental_class(index: int, text: str, catalog: ClassCatalog) -> ClassInfo:
+    """A stand-in catalog entry for a free-text class fed straight to the controller (experimental)."""
+    stem = "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")
+    return ClassInfo(
+        index=index, name=f"{text} (experimental)", prompt_name=text, file_stem=f"experimental_{stem}",
+        kind="organ", synonyms=(), parents=(), laterality=None, color=(255, 255, 0),
+        category=catalog[1].category, type=catalog[1].type, type_modifier=None, anatomic_region=None,
+    )
+
+
+def resolve_prompts(
+    texts: str | Sequence[str],
+    model: UniversalModel | None = None,
+    *,
+    allow_experimental: bool = False,
+    use_clip: bool = True,
+):
+    """Resolve free-text prompts for ``model`` (its class embeddings feed the CLIP step).
+
+    The catalog steps (exact, synonym, group, fuzzy) run first; only when an item is left over is the CLIP text
+    encoder loaded (downloaded on first use). Returns ``(PromptResolution, note)``; ``note`` says why CLIP could not
+    help (e.g. offline), or is None.
+    """
+    from .errors import DownloadError
+    from .prompts import resolve_prompt
+
+    resolution = resolve_prompt(texts)
+    if not use_clip or not (resolution.rejected):
+        return resolution, None
+    try:
+        from .text_encoder import ClipTextEncoder
+
+        encoder = ClipTextEncoder.pretrained()
+    except (DownloadError, UniversalSegError) as exc:
+        return resolution, f"CLIP text matching is unavailable ({exc})"
+    embeddings = model.class_embeddings.detach().float().cpu() if model is not None else None
+    if model is not None and embeddings.shape[0] != 32:
+        embeddings = None  # a model with another class set: compare with the catalog's own CLIP embeddings
+    return resolve_prompt(texts, encoder=encoder, class_embeddings=embeddings, allow_experimental=allow_experimental), None
+
+
+def segment(
+    image_or_path: sitk.Image | str | Path,
+    classes: str | Iterable[str | int] | None = "all",
+    *,
+    model: UniversalModel | str | Path | None = None,
+    options: SegmentationOptions | None = None,
+    accept_licence: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: Callable[[], bool] | None = None,
+    **option_overrides,
+) -> SegmentationResult:
+    """Segment one CT with one call. ``option_overrides`` are :class:`SegmentationOptions` fields (overlap, fast, ...)."""
+    options = options or SegmentationOptions(**option_overrides)
+    engine = Engine(model, options, accept_licence=accept_licence)
+    return engine.segment(image_or_path, classes, progress=progress, cancel=cancel)
+
+
+__all__ = ["Engine", "Prediction", "SegmentationOptions", "segment", "select_classes", "resolve_prompts", "Cancelled", "UniversalSegError"]
