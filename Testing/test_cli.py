@@ -249,3 +249,29 @@ def _peak_virtual_memory_after_import() -> int:
         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120,
     )
     return int(proc.stdout.strip())
+
+
+# --------------------------------------------------------------------------------------------- library API
+def test_library_segment_with_prompt_progress_and_cancel(tiny_model_path, slab):
+    from UniversalSegLib import segment
+    from UniversalSegLib.inferer import Cancelled
+
+    seen = []
+    result = segment(slab, prompt="IVC and both kidneys", model=str(tiny_model_path), fast=True, device="cpu",
+                     progress=lambda f, stage: seen.append((f, stage)))
+    assert sorted(result.masks) == [2, 3, 9]
+    assert [item["method"] for item in result.prompt_report] == ["synonym", "group"]
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen) and seen[-1][0] == 1.0
+    assert {stage.split()[0] for _, stage in seen} >= {"read", "preprocess", "window", "postprocess", "resample"}
+    calls = []
+    with pytest.raises(Cancelled):
+        segment(slab, "liver", model=str(tiny_model_path), device="cpu", cancel=lambda: calls.append(1) or len(calls) > 1)
+    assert len(calls) == 2  # stopped between windows, right after the first one
+
+
+def test_library_rejects_unknown_prompt(tiny_model_path, slab, monkeypatch):
+    from UniversalSegLib import ClassNameError, segment
+
+    monkeypatch.setenv("UNIVERSALSEG_CLIP_WEIGHTS", str(slab.parent / "missing_clip_weights.safetensors"))
+    with pytest.raises(ClassNameError, match="blorfnax"):
+        segment(slab, prompt="liver, blorfnax", model=str(tiny_model_path), fast=True, device="cpu")

@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="model whose class embeddings the CLIP step compares with")
     r.add_argument("--no-clip", action="store_true", help="skip the CLIP step (no download)")
     r.add_argument("--experimental-prompts", action="store_true", help="report unrecognised items as experimental")
+    demo = sub.add_parser("demo", help="segment the bundled sample CT with the default model; writes a PNG overlay to look at")
+    demo.add_argument("-o", "--output", default="universalseg_demo", help="output folder (default: ./universalseg_demo)")
+    demo.add_argument("--model", help="model name or path (default: the bundled model)")
+    demo.add_argument("--classes", help="comma-separated class names (default: every class the model knows)")
+    demo.add_argument("--fast", action="store_true", help="lower-cost mode")
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    demo.add_argument("--accept-licence", "--accept-license", action="store_true", dest="accept_licence")
+    demo.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
     c = sub.add_parser("classes", help="list the class catalog")
     c.add_argument("--json", action="store_true", help="print JSON")
     m = sub.add_parser("models", help="list the models the engine can use, what is downloaded, and licences")
@@ -273,7 +281,7 @@ def cmd_segment(args) -> int:
         classes = sorted(set(classes) | set(resolution.classes))
         extra = {it.text: it.embedding for it in resolution.experimental}
     elif not args.classes:
-        classes = [c.index for c in catalog]
+        classes = engine.available_classes()
     if not classes and not extra:
         raise InputError("no classes to segment")
     names = ", ".join(catalog[i].name for i in classes) + (f" + {len(extra)} experimental" if extra else "")
@@ -322,6 +330,37 @@ def cmd_segment(args) -> int:
     if batch:
         _info(args, f"batch finished: {done} segmented, {failures} failed, {len(scans) - done - failures} skipped")
     return EXIT_BATCH_FAILURES if failures else 0
+
+
+SAMPLE_CT = Path(__file__).resolve().parent / "data" / "sample" / "abdomen_ct.nii.gz"
+
+
+def cmd_demo(args) -> int:
+    from .imageio import check_writable, read_image, write_outputs
+    from .overlay import render_overlay
+    from .pipeline import Engine, SegmentationOptions, select_classes
+
+    out = Path(args.output)
+    check_writable(out, is_folder=True)
+    out.mkdir(parents=True, exist_ok=True)
+    engine = Engine(args.model, SegmentationOptions(fast=args.fast, device=args.device), accept_licence=args.accept_licence)
+    classes = select_classes(args.classes, engine.catalog) if args.classes else engine.available_classes()
+    image = read_image(SAMPLE_CT)
+    _info(args, f"demo: segmenting the bundled sample CT ({SAMPLE_CT.name}) with {engine.model.metadata.get('name')} on {engine.device}")
+    progress = _Progress(args.progress, SAMPLE_CT.name)
+    try:
+        result = engine.segment(image, classes, progress=progress, input_path=SAMPLE_CT)
+    finally:
+        progress.close()
+    written = write_outputs(result, out / "segmentation.seg.nrrd", summary=out / "summary.json")
+    written += write_outputs(result, out / "segmentation.nii.gz")
+    written.append(render_overlay(image, result, out / "overlay.png"))
+    for entry in result.summary()["classes"]:
+        if entry["voxels"]:
+            _info(args, f"  {entry['name']:30s} {entry['volume_ml']:10.1f} mL")
+    _info(args, "wrote " + ", ".join(str(p) for p in written))
+    _info(args, f"open {out / 'overlay.png'} to look at the result, or load {out / 'segmentation.seg.nrrd'} in 3D Slicer")
+    return 0
 
 
 def _info(args, message: str) -> None:
@@ -406,7 +445,7 @@ def cmd_download(args) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "resolve": cmd_resolve, "classes": cmd_classes, "models": cmd_models, "download": cmd_download}
+COMMANDS = {"segment": cmd_segment, "demo": cmd_demo, "resolve": cmd_resolve, "classes": cmd_classes, "models": cmd_models, "download": cmd_download}
 
 
 def _terminate(signum, frame):

@@ -140,6 +140,11 @@ class Engine:
             self.model = load_model(model, device=self.device, accept_licence=accept_licence)
         self.catalog = ClassCatalog.default()
 
+    def available_classes(self) -> list[int]:
+        """Catalog indices of the classes this model was trained for (all 32 for the official models)."""
+        names = {n.lower() for n in self.model.class_names}
+        return [c.index for c in self.catalog if c.name.lower() in names or c.prompt_name.lower() in names]
+
     def segment(
         self,
         image_or_path: sitk.Image | str | Path,
@@ -361,8 +366,10 @@ def resolve_prompts(
 
 def segment(
     image_or_path: sitk.Image | str | Path,
-    classes: str | Iterable[str | int] | None = "all",
+    classes: str | Iterable[str | int] | None = None,
     *,
+    prompt: str | Sequence[str] | None = None,
+    allow_experimental: bool = False,
     model: UniversalModel | str | Path | None = None,
     options: SegmentationOptions | None = None,
     accept_licence: bool = False,
@@ -370,10 +377,28 @@ def segment(
     cancel: Callable[[], bool] | None = None,
     **option_overrides,
 ) -> SegmentationResult:
-    """Segment one CT with one call. ``option_overrides`` are :class:`SegmentationOptions` fields (overlap, fast, ...)."""
+    """Segment one CT with one call.
+
+    ``classes``: catalog names/indices, ``"liver,spleen"`` or ``"all"``; ``prompt``: free text such as
+    ``"IVC and both kidneys"`` (combines with ``classes``; with neither, all classes). The prompt's resolution is in
+    ``result.prompt_report``; unrecognised prompt items raise :class:`ClassNameError` unless ``allow_experimental``.
+    ``option_overrides`` are :class:`SegmentationOptions` fields (overlap, fast, device, ...).
+    """
     options = options or SegmentationOptions(**option_overrides)
     engine = Engine(model, options, accept_licence=accept_licence)
-    return engine.segment(image_or_path, classes, progress=progress, cancel=cancel)
+    wanted = select_classes(classes, engine.catalog)
+    report: list = []
+    extra: dict[str, torch.Tensor] = {}
+    if prompt:
+        resolution, note = resolve_prompts(prompt, engine.model, allow_experimental=allow_experimental)
+        if resolution.rejected:
+            raise ClassNameError("prompt not understood: " + "; ".join(resolution.describe().splitlines()) + (f" ({note})" if note else ""))
+        report = resolution.to_json()["items"]
+        wanted = sorted(set(wanted) | set(resolution.classes))
+        extra = {item.text: torch.tensor(item.embedding) for item in resolution.experimental}
+    elif classes is None:
+        wanted = engine.available_classes()
+    return engine.segment(image_or_path, wanted, extra_embeddings=extra, prompt_report=report, progress=progress, cancel=cancel)
 
 
 __all__ = ["Engine", "Prediction", "SegmentationOptions", "segment", "select_classes", "resolve_prompts", "Cancelled", "UniversalSegError"]
