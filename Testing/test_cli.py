@@ -275,3 +275,17 @@ def test_library_rejects_unknown_prompt(tiny_model_path, slab, monkeypatch):
     monkeypatch.setenv("UNIVERSALSEG_CLIP_WEIGHTS", str(slab.parent / "missing_clip_weights.safetensors"))
     with pytest.raises(ClassNameError, match="blorfnax"):
         segment(slab, prompt="liver, blorfnax", model=str(tiny_model_path), fast=True, device="cpu")
+
+
+def test_demo_writes_segmentation_summary_and_overlay(tiny_model_path, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "demo"
+    code, _, err = _run(["demo", "-o", str(out), "--model", str(tiny_model_path), "--classes", "liver", "--fast",
+                         "--progress", "none"], capsys)
+    assert code == 0, err
+    assert read_seg_nrrd(out / "segmentation.seg.nrrd")["segments"][0]["name"] == "Liver"
+    assert json.loads((out / "summary.json").read_text())["classes"][0]["name"] == "Liver"
+    with Image.open(out / "overlay.png") as png:
+        assert png.width > 400 and png.height > 200
+    assert "overlay.png" in err
