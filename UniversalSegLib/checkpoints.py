@@ -233,15 +233,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise InputError(f"unknown device {name!r}; use auto, cpu or cuda") from None
 
 
-def load_model(path_or_name: str | Path | None = None, device: str | torch.device = "cpu", *, accept_licence: bool = False) -> UniversalModel:
+def load_model(
+    path_or_name: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    accept_licence: bool = False,
+    download_progress=None,
+) -> UniversalModel:
     """Load a Universal Model by registry name or file path, in eval mode on ``device``.
 
     The model carries ``class_names`` and ``class_embeddings`` (K x 512) from the checkpoint, and ``metadata``
-    (architecture, licence, provenance). ``None`` loads the registry's default model.
+    (architecture, licence, provenance). ``None`` loads the registry's default model. ``download_progress``
+    ``(bytes_done, bytes_total)`` is called while weights are downloaded (first use of a registry model).
     """
     from .registry import DEFAULT_MODEL, ModelRegistry
 
-    path = ModelRegistry.default().resolve(path_or_name or DEFAULT_MODEL, accept_licence=accept_licence)
+    path = ModelRegistry.default().resolve(path_or_name or DEFAULT_MODEL, accept_licence=accept_licence, progress=download_progress)
     model = load_checkpoint(path)
     model.metadata.setdefault("name", str(path_or_name or DEFAULT_MODEL))
     return model.to(resolve_device(device)).eval()

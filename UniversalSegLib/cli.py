@@ -266,7 +266,7 @@ def cmd_segment(args) -> int:
         preloaded = read_image(source, frame=args.frame)
         check_ct_intensities(preloaded, force=args.force, name=str(source))
 
-    engine = Engine(args.model, options, accept_licence=args.accept_licence)
+    engine = _load_engine(args, options)
     report: list = []
     extra = {}
     if args.prompt:
@@ -343,7 +343,7 @@ def cmd_demo(args) -> int:
     out = Path(args.output)
     check_writable(out, is_folder=True)
     out.mkdir(parents=True, exist_ok=True)
-    engine = Engine(args.model, SegmentationOptions(fast=args.fast, device=args.device), accept_licence=args.accept_licence)
+    engine = _load_engine(args, SegmentationOptions(fast=args.fast, device=args.device))
     classes = select_classes(args.classes, engine.catalog) if args.classes else engine.available_classes()
     image = read_image(SAMPLE_CT)
     _info(args, f"demo: segmenting the bundled sample CT ({SAMPLE_CT.name}) with {engine.model.metadata.get('name')} on {engine.device}")
@@ -361,6 +361,23 @@ def cmd_demo(args) -> int:
     _info(args, "wrote " + ", ".join(str(p) for p in written))
     _info(args, f"open {out / 'overlay.png'} to look at the result, or load {out / 'segmentation.seg.nrrd'} in 3D Slicer")
     return 0
+
+
+def _load_engine(args, options):
+    """Load the model, showing download progress (first use of a registry model) in the chosen progress style."""
+    from .download import format_size, tqdm_progress
+    from .pipeline import Engine
+
+    if args.progress == "json":
+        def download_progress(done: int, total: int | None) -> None:
+            stage = f"download {format_size(done)}" + (f" of {format_size(total)}" if total else "")
+            print(json.dumps({"progress": 0.0, "stage": stage, "download": [done, total]}), flush=True)
+
+        return Engine(args.model, options, accept_licence=args.accept_licence, download_progress=download_progress)
+    if args.progress == "bar":
+        with tqdm_progress("downloading model weights") as bar:
+            return Engine(args.model, options, accept_licence=args.accept_licence, download_progress=bar)
+    return Engine(args.model, options, accept_licence=args.accept_licence)
 
 
 def _info(args, message: str) -> None:

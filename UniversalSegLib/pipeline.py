@@ -130,14 +130,21 @@ def _model_channels(model: UniversalModel, wanted: Sequence[int], catalog: Class
 class Engine:
     """A loaded model plus options, reusable across many scans (the CLI's batch mode keeps one)."""
 
-    def __init__(self, model: UniversalModel | str | Path | None = None, options: SegmentationOptions | None = None, *, accept_licence: bool = False) -> None:
+    def __init__(
+        self,
+        model: UniversalModel | str | Path | None = None,
+        options: SegmentationOptions | None = None,
+        *,
+        accept_licence: bool = False,
+        download_progress: Callable[[int, int | None], None] | None = None,
+    ) -> None:
         self.options = options or SegmentationOptions()
         self.options.validate()
         self.device = resolve_device(self.options.device)
         if isinstance(model, UniversalModel):
             self.model = model.to(self.device).eval()
         else:
-            self.model = load_model(model, device=self.device, accept_licence=accept_licence)
+            self.model = load_model(model, device=self.device, accept_licence=accept_licence, download_progress=download_progress)
         self.catalog = ClassCatalog.default()
 
     def available_classes(self) -> list[int]:

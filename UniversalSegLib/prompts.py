@@ -28,12 +28,12 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
-import torch
-
 from UniversalSegLib.catalog import ClassCatalog, normalize_name
 from UniversalSegLib.errors import InputError
 
-if TYPE_CHECKING:  # imported lazily: open_clip is only needed for the CLIP step
+if TYPE_CHECKING:  # imported lazily: torch and open_clip are only needed for the CLIP step
+    import torch
+
     from UniversalSegLib.text_encoder import ClipTextEncoder
 
 __all__ = [
@@ -338,6 +338,8 @@ def resolve_prompt(
 class _ClipStep:
     def __init__(self, cat: ClassCatalog, vocab: _Vocabulary, encoder: "ClipTextEncoder",
                  class_embeddings: torch.Tensor | None, threshold: float):
+        import torch
+
         self.cat, self.vocab, self.encoder, self.threshold = cat, vocab, encoder, float(threshold)
         emb = class_embeddings if class_embeddings is not None else class_embeddings_from_encoder(encoder, cat)
         emb = torch.as_tensor(emb).detach().float().cpu()
@@ -347,6 +349,8 @@ class _ClipStep:
         self.class_unit = torch.nn.functional.normalize(emb, dim=1)
 
     def similarities(self, text: str) -> torch.Tensor:
+        import torch
+
         """Cosine similarity of the text's CLIP feature to each class embedding: (N_classes,)."""
         raw = self.encoder.encode([text])[0]
         if raw.shape[0] != self.class_unit.shape[1]:
@@ -355,6 +359,8 @@ class _ClipStep:
         return self.class_unit @ torch.nn.functional.normalize(raw, dim=0)
 
     def top_names(self, sims: torch.Tensor, k: int = 3) -> list[str]:
+        import torch
+
         return [self.cat[int(i) + 1].name for i in torch.argsort(sims, descending=True)[:k]]
 
 
@@ -452,7 +458,7 @@ def _resolve_item(text: str, vocab: _Vocabulary, clip: _ClipStep | None, allow_e
     # 4) CLIP
     if clip is not None and base:
         sims = clip.similarities(base)
-        order = torch.argsort(sims, descending=True).tolist()
+        order = sims.argsort(descending=True).tolist()
         top = order[0] + 1
         top_score = float(sims[order[0]])
         twin = vocab.twin.get(top)
