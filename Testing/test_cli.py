@@ -289,3 +289,31 @@ def test_demo_writes_segmentation_summary_and_overlay(tiny_model_path, tmp_path,
     with Image.open(out / "overlay.png") as png:
         assert png.width > 400 and png.height > 200
     assert "overlay.png" in err
+
+
+def test_resolve_command_json(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("UNIVERSALSEG_CLIP_WEIGHTS", str(tmp_path / "no_clip_weights_here.safetensors"))
+    code, out, _ = _run(["resolve", "IVC and both kidneys", "--json"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["items"] == [
+        {"text": "IVC", "classes": ["Postcava"], "method": "synonym", "score": None, "suggestions": []},
+        {"text": "both kidneys", "classes": ["Right Kidney", "Left Kidney"], "method": "group", "score": None, "suggestions": []},
+    ]
+    code, out, _ = _run(["resolve", "livr, zzqx", "--json"], capsys)
+    assert code == 2  # an item was rejected
+    items = json.loads(out)["items"]
+    assert items[0]["classes"] == ["Liver"] and items[0]["method"] == "fuzzy"
+    assert items[1]["classes"] == [] and items[1]["method"] == "rejected"
+
+
+def test_cta_crop_geometry_is_kept(tiny_model_path, tmp_path, capsys):
+    """Another real CT (1.5 mm CT angiography crop): output grid equals the input grid, values are catalog indices."""
+    ct_path = shared_path("data", "ct", "totalseg_cta_crop", "ct.nii.gz")
+    out = tmp_path / "cta.nrrd"
+    code, _, err = _run(["segment", str(ct_path), "-o", str(out), "--model", str(tiny_model_path), "--classes",
+                         "aorta,celiac trunk", "--fast", "--progress", "none"], capsys)
+    assert code == 0, err
+    ct, labels = sitk.ReadImage(str(ct_path)), sitk.ReadImage(str(out))
+    _assert_same_geometry(labels, ct)
+    assert set(np.unique(sitk.GetArrayFromImage(labels))) <= {0, 8, 25}
