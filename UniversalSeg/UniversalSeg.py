@@ -8,8 +8,11 @@ Layout of this file:
   separate process, reads its JSON progress lines, and imports the per-class masks into a
   ``vtkMRMLSegmentationNode`` - one segment per class, named, coloured and tagged with the catalog's SNOMED CT
   terminology. Every segment it makes carries provenance tags and a fingerprint of the AI mask, so a re-run never
-  replaces a segment the user edited (see :meth:`UniversalSegLogic.segmentState`). It works with any MRML scene,
-  so tests and scripts use it with the PyPI package ``slicer-core`` (see :func:`createHeadlessScene`).
+  replaces a segment the user edited (see :meth:`UniversalSegLogic.segmentState`). The correction loop builds on
+  that: :meth:`UniversalSegLogic.segmentReview` says which segments a person reviewed or edited, and
+  :meth:`UniversalSegLogic.exportForTraining` writes the CT and exactly those classes as a training dataset
+  (:mod:`UniversalSegLib.training_export`) that ``universalseg-train fit`` fine-tunes on. It works with any MRML
+  scene, so tests and scripts use it with the PyPI package ``slicer-core`` (see :func:`createHeadlessScene`).
 * :class:`UniversalSegWidget`, :class:`UniversalSeg`, :class:`UniversalSegTest`: the GUI, module description and
   self-test; they need the Slicer application (``qt``, ``ctk``, ``slicer.app``), whose imports are guarded so that
   this file also imports where only ``slicer-core`` is installed.
@@ -337,6 +340,44 @@ class ImportReport:
         if self.kept:
             lines.append("Kept segments were not replaced; tick 'Overwrite edited segments' to replace them.")
         return "\n".join(lines) if lines else "No segments were changed."
+
+
+@dataclass
+class SegmentReview:
+    """One segment as the review table and the training export see it.
+
+    ``state``: :meth:`UniversalSegLogic.segmentState`; ``reviewed``: marked reviewed (the module's tag or the
+    Segment Editor's "Completed" status); ``flagged``: the Segment Editor's "Flagged" status; ``annotated``: exported
+    as an annotated class by "Export for training" (``confirmation`` says how: reviewed / edited / manual), else
+    ``reason`` says why not; ``duplicate``: another confirmed segment has the same class (the export refuses).
+    """
+
+    segmentId: str
+    name: str
+    classIndex: int | None
+    className: str | None
+    state: str
+    reviewed: bool = False
+    flagged: bool = False
+    annotated: bool = False
+    confirmation: str = ""
+    reason: str = ""
+    duplicate: bool = False
+
+    @property
+    def stateText(self) -> str:
+        """What the review table shows: AI / Reviewed / Edited / Manual (reviewed) [flagged]."""
+        text = {STATE_AI: "AI", STATE_REVIEWED: "Reviewed", STATE_EDITED: "Edited", STATE_MANUAL: "Manual"}[self.state]
+        if self.state == STATE_MANUAL and self.reviewed:
+            text += ", reviewed"
+        if self.state == STATE_EDITED and self.reviewed:
+            text += ", reviewed"
+        return text + (", flagged" if self.flagged else "")
+
+    @property
+    def trainingText(self) -> str:
+        """What the review table shows in its training column."""
+        return f"annotated ({self.confirmation})" if self.annotated else f"not annotated: {self.reason}"
 
 
 # ------------------------------------------------------------------------------------------- engine process
@@ -1184,6 +1225,170 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic):
             if seglogic.GetSegmentStatus(segment) == seglogic.Completed:
                 segment.RemoveTag(seglogic.GetStatusTagName())
 
+    # -- review and export for training ---------------------------------------------------------------------
+    def segmentClass(self, segmentationNode, segmentId: str) -> ClassInfo | None:
+        """The catalog class a segment stands for: its class tag (segments this module made or tracks), else its
+        name ("Liver", "IVC", ...), else None."""
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        if segment is None:
+            raise KeyError(f"no segment '{segmentId}' in '{segmentationNode.GetName()}'")
+        value = _getTag(segment, TAG_CLASS_INDEX)
+        if value and value.isdigit() and 1 <= int(value) <= len(self.catalog):
+            return self.catalog[int(value)]
+        return self.catalog.find(segment.GetName())
+
+    def segmentReview(self, segmentationNode) -> list[SegmentReview]:
+        """Every segment with its state and whether "Export for training" exports it as an annotated class.
+
+        Exported (annotated): segments a person edited, AI segments marked reviewed, and the person's own segments
+        that are named after a catalog class and marked reviewed. Not exported: AI output nobody reviewed, segments
+        flagged in the Segment Editor, own segments with other names, and two confirmed segments of one class
+        (the export refuses those until one is deleted or unmarked).
+        """
+        seglogic = slicer.vtkSlicerSegmentationsModuleLogic
+        segmentation = segmentationNode.GetSegmentation()
+        rows = []
+        for segmentId in _segmentIds(segmentation):
+            segment = segmentation.GetSegment(segmentId)
+            info = self.segmentClass(segmentationNode, segmentId)
+            status = seglogic.GetSegmentStatus(segment)
+            row = SegmentReview(
+                segmentId=segmentId, name=segment.GetName(), classIndex=info.index if info else None,
+                className=info.name if info else None, state=self.segmentState(segmentationNode, segmentId),
+                reviewed=segment.HasTag(TAG_REVIEWED) or status == seglogic.Completed,
+                flagged=status == seglogic.Flagged,
+            )
+            if row.flagged:
+                row.reason = "flagged in the Segment Editor"
+            elif row.state == STATE_EDITED:
+                row.annotated, row.confirmation = True, "edited"
+            elif row.state == STATE_REVIEWED:
+                row.annotated, row.confirmation = True, "reviewed"
+            elif row.state == STATE_AI:
+                row.reason = "AI output, not reviewed"
+            elif info is None:
+                row.reason = "its name is not a class of the catalog"
+            elif row.reviewed:
+                row.annotated, row.confirmation = True, "manual"
+            else:
+                row.reason = "your own segment: mark it reviewed to export it"
+            rows.append(row)
+        byClass: dict[int, list[SegmentReview]] = {}
+        for row in rows:
+            if row.annotated:
+                byClass.setdefault(row.classIndex, []).append(row)
+        for index, same in byClass.items():
+            if len(same) > 1:
+                names = ", ".join(f"'{r.name}'" for r in same)
+                for row in same:
+                    row.annotated, row.confirmation, row.duplicate = False, "", True
+                    row.reason = f"{len(same)} confirmed segments are {self.catalog[index].name} ({names})"
+        return rows
+
+    def trackSegments(self, segmentationNode, model: str = "", licence: str = "") -> list[str]:
+        """Treat segments loaded from a file as AI output of ``model`` from now on, so that edits are detected.
+
+        For segmentations written by the engine's command line (``universalseg segment scans/ -o out/ --format
+        seg.nrrd``) and loaded into Slicer: each segment without this module's tags whose name is a catalog class
+        (and whose class has no tracked segment yet) gets the class and provenance tags and the fingerprint of its
+        current mask. Its state becomes "ai" (or "reviewed" if its status is already "Completed"). Returns the
+        segment IDs that are now tracked.
+        """
+        segmentation = segmentationNode.GetSegmentation()
+        tracked = self.moduleSegments(segmentationNode)
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        adopted = []
+        for segmentId in _segmentIds(segmentation):
+            segment = segmentation.GetSegment(segmentId)
+            if segment.HasTag(TAG_CLASS_INDEX):
+                continue
+            info = self.catalog.find(segment.GetName())
+            if info is None or info.index in tracked:
+                continue
+            segment.SetTag(TAG_CLASS_INDEX, str(info.index))
+            segment.SetTag(TAG_CLASS_NAME, info.file_stem)
+            segment.SetTag(TAG_MODEL, _tagValue(Path(model).name if model else "unknown (loaded from a file)"))
+            segment.SetTag(TAG_MODEL_LICENCE, _tagValue(licence or "unspecified"))
+            segment.SetTag(TAG_ENGINE_VERSION, ENGINE_VERSION)
+            segment.SetTag(TAG_CREATED, now)
+            segment.SetTag(TAG_SETTINGS, json.dumps({"source": "loaded from a file"}, separators=(",", ":")))
+            segment.SetTag(TAG_FINGERPRINT, self.segmentFingerprint(segmentationNode, segmentId))
+            tracked[info.index] = segmentId
+            adopted.append(segmentId)
+        return adopted
+
+    def _exportProvenance(self, segmentationNode, row: SegmentReview) -> dict[str, Any]:
+        """What the dataset entry records about one exported segment (JSON values)."""
+        tags = self.segmentProvenance(segmentationNode, row.segmentId)
+        out: dict[str, Any] = {"segment": row.name, "state": row.state}
+        for key, name in (("Model", "model"), ("ModelLicence", "model_licence"), ("EngineVersion", "engine_version"),
+                          ("Created", "created"), ("Reviewed", "reviewed")):
+            if key in tags:
+                out[name] = tags[key]
+        if "Settings" in tags:
+            try:
+                out["settings"] = json.loads(tags["Settings"])
+            except ValueError:
+                out["settings"] = tags["Settings"]
+        return out
+
+    def exportForTraining(self, volumeNode, segmentationNode, folder: str | os.PathLike, caseId: str | None = None,
+                          allowPerClassMasks: bool = False, *, split: str = "train",
+                          datasetName: str | None = None):
+        """Write the CT, the confirmed segments and the dataset entry into a training export folder.
+
+        The label map (catalog indices) holds exactly the classes of the segments :meth:`segmentReview` marks as
+        annotated (edited or reviewed); the entry lists them as ``annotated`` - every other class counts as not
+        annotated. Exports of many scans accumulate in ``folder`` (``dataset.json``, ``images/``, ``labels/``,
+        ``masks/``); exporting a scan again replaces its entry and files. ``universalseg-train fit`` reads the folder
+        as a dataset of ``type: exported``. See :mod:`UniversalSegLib.training_export` for the format.
+
+        Args:
+            volumeNode: the CT the segments belong to (their voxel grid must be the CT's).
+            segmentationNode: the segmentation with the reviewed/edited segments.
+            folder: the export folder (created if missing).
+            caseId: the case's ID (file names); None uses the volume's name.
+            allowPerClassMasks: when confirmed segments overlap (a tumour inside its organ), write one mask per class
+                instead of refusing.
+            split: "train", "val" (held out for validation and evaluation) or "both".
+            datasetName: a name for the dataset, kept in ``dataset.json``.
+
+        Returns:
+            :class:`UniversalSegLib.training_export.ExportReport`: what was written (``to_text()`` for the status
+            line); ``skipped`` lists the segments that were not exported and why.
+
+        Raises:
+            InputError: nothing reviewed or edited, two confirmed segments of one class, the folder is not writable,
+                segments not on the CT's grid, a case ID of another scan. ``OverlapError`` (an InputError) when
+                confirmed segments overlap and ``allowPerClassMasks`` is False.
+        """
+        from UniversalSegLib.training_export import ExportedClass, check_export_folder, dataset_file, export_case, image_from_array
+
+        self._checkInputVolume(volumeNode)
+        if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+            raise InputError("choose the segmentation to export")
+        rows = self.segmentReview(segmentationNode)
+        duplicates = [row.reason for row in rows if row.duplicate]
+        if duplicates:
+            raise InputError(f"cannot export: {duplicates[0]}; delete or unmark all but one")
+        chosen = [row for row in rows if row.annotated]
+        if not chosen:
+            raise InputError(f"nothing to export: no segment of '{segmentationNode.GetName()}' was reviewed or edited; "
+                             "select the correct segments and click 'Mark reviewed', or correct segments in the "
+                             "Segment Editor, then export again")
+        check_export_folder(dataset_file(folder).parent)  # before reading any voxels
+        classes = [ExportedClass(row.classIndex, self.segmentArray(segmentationNode, row.segmentId, volumeNode),
+                                 row.confirmation, self._exportProvenance(segmentationNode, row)) for row in chosen]
+        image = image_from_array(_volumeArray(volumeNode), _matrixArray(_ijkToRas(volumeNode)))
+        report = export_case(
+            folder, image, classes, case_id=caseId, default_case_id=volumeNode.GetName(),
+            per_class_masks=allowPerClassMasks, split=split, dataset_name=datasetName, catalog=self.catalog,
+            provenance={"volume": volumeNode.GetName(), "segmentation": segmentationNode.GetName(),
+                        "exported_by": f"UniversalSeg Slicer module {ENGINE_VERSION}"},
+        )
+        report.skipped = {row.name: row.reason for row in rows if not row.annotated}
+        return report
+
     # -- arrays ----------------------------------------------------------------------------------------------
     def segmentArray(self, segmentationNode, segmentId: str, referenceVolume) -> np.ndarray:
         """A segment's mask as a bool ``(K, J, I)`` array on ``referenceVolume``'s grid (a copy)."""
@@ -1276,6 +1481,18 @@ def _orientedImageFromMask(mask: np.ndarray, ijkToRas) -> Any:
     return image
 
 
+def _volumeArray(volumeNode) -> np.ndarray:
+    """A volume's voxels as a ``(K, J, I)`` array (a copy, the volume's scalar type)."""
+    image = volumeNode.GetImageData()
+    dims = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+
+
+def _matrixArray(matrix) -> np.ndarray:
+    """A ``vtkMatrix4x4`` as a 4x4 numpy array."""
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
 def _sameMatrix(a, b, tolerance: float = 1e-4) -> bool:
     return all(abs(a.GetElement(r, c) - b.GetElement(r, c)) <= tolerance * max(1.0, abs(a.GetElement(r, c)))
                for r in range(4) for c in range(4))
@@ -1335,7 +1552,9 @@ class UniversalSeg(ScriptedLoadableModule):
         self.parent.helpText = (
             "Segments 25 abdominal organs and vessels and 6 tumor types (32 classes) in CT with the CLIP-Driven "
             "Universal Model. Tick classes or type what you need (e.g. 'IVC and both kidneys'), click Segment, then "
-            "correct the segments in the Segment Editor: running again never replaces segments you edited.<br>"
+            "correct the segments in the Segment Editor: running again never replaces segments you edited. Mark the "
+            "segments you checked as reviewed and use 'Export for training' to collect your corrections as a dataset "
+            "for fine-tuning the model (universalseg-train).<br>"
             "See the <a href='https://github.com/ljwztc/CLIP-Driven-Universal-Model'>model's home page</a> and this "
             "extension's README for details."
         )
@@ -1351,7 +1570,9 @@ if HAVE_PARAMETER_NODE_WRAPPER:
     @parameterNodeWrapper
     class UniversalSegParameterNode:
         """GUI state, saved with the scene. ``classes``: comma-separated catalog file stems of the class picker;
-        ``model``: registry name or checkpoint path; ``device``/``quality``: combo box choices."""
+        ``model``: registry name or checkpoint path; ``device``/``quality``: combo box choices; ``exportDatasetName``
+        / ``exportSplit``: the "Export for training" section (its folder is an application setting: one dataset
+        folder collects the exports of many scenes)."""
 
         inputVolume: slicer.vtkMRMLScalarVolumeNode
         outputSegmentation: slicer.vtkMRMLSegmentationNode
@@ -1368,6 +1589,8 @@ if HAVE_PARAMETER_NODE_WRAPPER:
         portalVeinFilter: bool = True
         tumorFilter: bool = True
         overwrite: bool = False
+        exportDatasetName: str = ""
+        exportSplit: Annotated[str, Choice(["train", "val", "both"])] = "train"
 
 
 #: QComboBox entry of the model selector that reveals the checkpoint path field.
@@ -1388,6 +1611,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._previewTimer = None
         self._syncing = False
         self._classItems: dict[str, Any] = {}
+        self._reviewTimer = None
+        self._observedSegmentation = None
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -1431,11 +1656,30 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
                                                    self.ui.segmentationShow3DButton.setSegmentationNode)
 
+        # Review and export for training
+        table = self.ui.segmentReviewTable
+        table.setColumnCount(3)
+        table.setHorizontalHeaderLabels(["Segment", "State", "Training"])
+        table.horizontalHeader().setStretchLastSection(True)
+        table.verticalHeader().setVisible(False)
+        self._reviewTimer = qt.QTimer()
+        self._reviewTimer.setSingleShot(True)
+        self._reviewTimer.setInterval(500)  # edits arrive as bursts of events: recompute the states once
+        self._reviewTimer.timeout.connect(self._updateReviewTable)
+        self.ui.markReviewedButton.clicked.connect(lambda checked=False: self.onMarkReviewed(True))
+        self.ui.unmarkReviewedButton.clicked.connect(lambda checked=False: self.onMarkReviewed(False))
+        self.ui.trackSegmentsButton.clicked.connect(self.onTrackSegments)
+        self.ui.exportFolderPathLineEdit.settingKey = "UniversalSeg/ExportFolder"  # remembered across sessions
+        self.ui.exportFolderPathLineEdit.currentPathChanged.connect(lambda path: self._updateExportButton())
+        self.ui.exportButton.clicked.connect(self.onExportButton)
+
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         if self._task is not None and not self._task.finished:
             self._task.cancel()
+        if self._reviewTimer is not None:
+            self._reviewTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -1450,6 +1694,7 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         if self._task is not None and not self._task.finished:
             self._task.cancel()
+        self._observeSegmentation(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -1498,6 +1743,8 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateClassCount()
         self._updateModelInfo()
         self._updateApplyButton()
+        self._observeSegmentation(node.outputSegmentation)
+        self._updateExportButton()
 
     # -- class picker ----------------------------------------------------------------------------------------
     def _populateClassTree(self) -> None:
@@ -1783,6 +2030,146 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             setSource = getattr(editor, "setSourceVolumeNode", None) or getattr(editor, "setMasterVolumeNode")
             setSource(node.inputVolume)
 
+    # -- review and export for training ----------------------------------------------------------------------
+    @staticmethod
+    def _segmentationEvents() -> list[int]:
+        """Events of a segmentation node after which segment states may have changed."""
+        cls = slicer.vtkSegmentation
+        source = getattr(cls, "SourceRepresentationModified", None) or getattr(cls, "MasterRepresentationModified")
+        return [cls.SegmentAdded, cls.SegmentRemoved, cls.SegmentModified, source]
+
+    def _observeSegmentation(self, segmentationNode) -> None:
+        """Follow the output segmentation's edits to keep the review table current."""
+        if segmentationNode is self._observedSegmentation:
+            return
+        if self._observedSegmentation is not None:
+            for event in self._segmentationEvents():
+                self.removeObserver(self._observedSegmentation, event, self._onSegmentationChanged)
+        self._observedSegmentation = segmentationNode
+        if segmentationNode is not None:
+            for event in self._segmentationEvents():
+                self.addObserver(segmentationNode, event, self._onSegmentationChanged)
+        if self._reviewTimer is not None:
+            self._reviewTimer.start()
+
+    def _onSegmentationChanged(self, caller=None, event=None) -> None:
+        self._reviewTimer.start()
+
+    def _selectedSegmentIds(self) -> list[str]:
+        table = self.ui.segmentReviewTable
+        rows = sorted({item.row() for item in table.selectedItems()})
+        return [table.item(row, 0).data(qt.Qt.UserRole) for row in rows if table.item(row, 0) is not None]
+
+    def _updateReviewTable(self) -> None:
+        """Fill the review table: one row per segment with its state and whether it is exported."""
+        table = self.ui.segmentReviewTable
+        selected = set(self._selectedSegmentIds())
+        table.setRowCount(0)
+        node = self._observedSegmentation
+        if node is None or node.GetScene() is None:
+            self.ui.reviewSummaryLabel.text = "No segmentation yet: segment a CT or choose a segmentation."
+            self.ui.trackSegmentsButton.enabled = False
+            self._updateExportButton()
+            return
+        rows = self.logic.segmentReview(node)
+        colours = {STATE_AI: "#6e7781", STATE_EDITED: "#9a6700", STATE_REVIEWED: "#1a7f37", STATE_MANUAL: "#0969da"}
+        segmentation = node.GetSegmentation()
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            segment = segmentation.GetSegment(row.segmentId)
+            nameItem = qt.QTableWidgetItem(row.name)
+            nameItem.setData(qt.Qt.UserRole, row.segmentId)
+            pixmap = qt.QPixmap(12, 12)
+            pixmap.fill(qt.QColor.fromRgbF(*segment.GetColor()))
+            nameItem.setIcon(qt.QIcon(pixmap))
+            provenance = self.logic.segmentProvenance(node, row.segmentId)
+            nameItem.setToolTip("\n".join(f"{k}: {v}" for k, v in provenance.items() if k != "Fingerprint")
+                                or "Not made by UniversalSeg")
+            stateItem = qt.QTableWidgetItem(row.stateText)
+            stateItem.setForeground(qt.QBrush(qt.QColor(colours[row.state])))
+            trainingItem = qt.QTableWidgetItem(row.trainingText)
+            trainingItem.setToolTip(row.trainingText)
+            for column, item in enumerate((nameItem, stateItem, trainingItem)):
+                table.setItem(r, column, item)
+                item.setSelected(row.segmentId in selected)
+        table.resizeColumnToContents(0)
+        table.resizeColumnToContents(1)
+        exported = [f"{row.className} ({row.confirmation})" for row in rows if row.annotated]
+        self.ui.reviewSummaryLabel.text = (
+            f"{len(exported)} of {len(rows)} segments are exported as training labels: {', '.join(exported)}."
+            if exported else f"None of the {len(rows)} segments is reviewed or edited yet: nothing to export.")
+        self.ui.trackSegmentsButton.enabled = any(row.state == STATE_MANUAL and row.classIndex for row in rows)
+        self._updateExportButton()
+
+    def onMarkReviewed(self, reviewed: bool) -> None:
+        node = self._observedSegmentation
+        segmentIds = self._selectedSegmentIds()
+        if node is None or not segmentIds:
+            self.ui.exportStatusLabel.text = "Select segments in the table first."
+            return
+        for segmentId in segmentIds:
+            self.logic.markSegmentReviewed(node, segmentId, reviewed)
+        self._updateReviewTable()
+
+    def onTrackSegments(self) -> None:
+        node = self._observedSegmentation
+        if node is None:
+            return
+        model = self._parameterNode.model if self._parameterNode else ""
+        if not slicer.util.confirmOkCancelDisplay(
+                "Treat the segments named after catalog classes as unreviewed output of the model "
+                f"'{model}' from now on? Changes you make afterwards show as 'Edited'. Segments you already "
+                "corrected should be marked reviewed after this.", "Track loaded segments"):
+            return
+        tracked = self.logic.trackSegments(node, model=model)
+        self.ui.exportStatusLabel.text = f"Tracking {len(tracked)} segment{'s' if len(tracked) != 1 else ''}."
+        self._updateReviewTable()
+
+    def _updateExportButton(self) -> None:
+        node = self._parameterNode
+        folder = self.ui.exportFolderPathLineEdit.currentPath
+        ready = bool(node and node.inputVolume and node.outputSegmentation and folder.strip())
+        self.ui.exportButton.enabled = ready
+        self.ui.exportButton.toolTip = (
+            "Write the CT, a label map of the reviewed and edited segments and the dataset entry into the export folder"
+            if ready else "Choose the input CT, its segmentation and an export folder")
+
+    def onExportButton(self) -> None:
+        from UniversalSegLib.training_export import OverlapError
+
+        node = self._parameterNode
+        if not node or not node.inputVolume or not node.outputSegmentation:
+            return
+        folder = self.ui.exportFolderPathLineEdit.currentPath
+        kwargs = dict(caseId=self.ui.exportCaseIdLineEdit.text.strip() or None, split=node.exportSplit,
+                      datasetName=node.exportDatasetName.strip() or None)
+        try:
+            try:
+                with slicer.util.WaitCursor():
+                    report = self.logic.exportForTraining(node.inputVolume, node.outputSegmentation, folder, **kwargs)
+            except OverlapError as exc:
+                if not slicer.util.confirmOkCancelDisplay(
+                        f"{exc}.\n\nExport one mask per class instead? Training reads both forms.",
+                        "Segments overlap"):
+                    self.ui.exportStatusLabel.text = "Not exported: segments overlap."
+                    return
+                with slicer.util.WaitCursor():
+                    report = self.logic.exportForTraining(node.inputVolume, node.outputSegmentation, folder,
+                                                          allowPerClassMasks=True, **kwargs)
+        except UniversalSegError as exc:
+            self.ui.exportStatusLabel.text = f"Not exported: {exc}"
+            slicer.util.errorDisplay(f"Export for training failed:\n{exc}", windowTitle="UniversalSeg")
+            return
+        except Exception as exc:  # noqa: BLE001 - disk full and the like: tell the user, keep the details in the log
+            logger.exception("export for training failed")
+            self.ui.exportStatusLabel.text = f"Not exported: {exc}"
+            slicer.util.errorDisplay(f"Export for training failed:\n{exc}", windowTitle="UniversalSeg")
+            return
+        self.ui.exportFolderPathLineEdit.addCurrentPathToHistory()
+        self.ui.exportStatusLabel.text = report.to_text()
+        self._log(report.to_text())
+
+
 
 def _html(text: str) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -1793,8 +2180,8 @@ class UniversalSegTest(ScriptedLoadableModuleTest):
     """Self-test, run inside Slicer (Developer mode: "Reload and Test").
 
     Downloads the SampleData CT "CTACardio", runs the registry's default model on the CPU for three classes, and
-    checks segment count, names, terminology, provenance and that no segment is empty; then edits one segment and
-    checks that a second run keeps the edit. Installs missing Python packages first and accepts the model licence
+    checks segment count, names, terminology, provenance and that no segment is empty; then edits one segment,
+    checks that a second run keeps the edit and that "Export for training" writes only that segment. Installs missing Python packages first and accepts the model licence
     (run it only if you accept it). Takes several minutes on a CPU.
     """
 
@@ -1852,6 +2239,19 @@ class UniversalSegTest(ScriptedLoadableModuleTest):
         again = logic.segment(volume, segmentation, replace(parameters, classes=["aorta"]))
         self.assertEqual(again.keptEdited, ["Aorta"])
         self.assertTrue(np.array_equal(logic.segmentArray(segmentation, aortaId, volume), edited))
+
+        self.delayDisplay("Exporting the corrected aorta for training")
+        exportFolder = Path(tempfile.mkdtemp(prefix="UniversalSeg-export-", dir=slicer.app.temporaryPath))
+        try:
+            export = logic.exportForTraining(volume, segmentation, exportFolder)
+            self.assertEqual(export.annotated, ["Aorta"])  # the unreviewed AI lungs are not training labels
+            import SimpleITK as sitk
+
+            labels = sitk.GetArrayFromImage(sitk.ReadImage(str(export.label)))
+            self.assertTrue(np.array_equal(labels, edited.astype(np.uint8) * catalog.lookup("aorta").index))
+            self.assertEqual(len(json.loads((exportFolder / "dataset.json").read_text())["cases"]), 1)
+        finally:
+            shutil.rmtree(exportFolder, ignore_errors=True)
         self.delayDisplay("Test passed")
 
 
