@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: Registry name used when no model is given.
-DEFAULT_MODEL: str = "universal-unet"
+DEFAULT_MODEL: str = "universalseg-tiny"
 #: Environment variable that accepts every model licence (``1``/``true``/``yes``/``on``).
 ACCEPT_LICENCE_ENV = "UNIVERSALSEG_ACCEPT_LICENSE"
 _ACCEPT_LICENCE_ENV_ALIASES = (ACCEPT_LICENCE_ENV, "UNIVERSALSEG_ACCEPT_LICENCE")  # British spelling, as the flag

@@ -1,0 +1,188 @@
+"""Export trained weights to the project's checkpoint format (safetensors + JSON metadata) with their provenance.
+
+The metadata records what a user of the file needs to judge it: how it was trained (command, config, steps, start
+checkpoint), on which data under which licences, the licence of the weights and of the class embeddings inside them
+(``organ_embedding``), and the validation Dice per class.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from UniversalSegLib import __version__
+from UniversalSegLib.catalog import ClassCatalog
+from UniversalSegLib.checkpoints import save_checkpoint
+from UniversalSegLib.errors import CheckpointError, InputError
+from UniversalSegLib.networks.universal_model import ModelConfig, UniversalModel
+
+STATE_FORMAT = "universalseg-training-state"
+
+
+def command_line() -> str:
+    """The command that started this process, shell-quoted."""
+    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def data_provenance(config, cases: Sequence) -> list[dict[str, Any]]:
+    """Per dataset: type, case counts, annotated classes, licence and source, as given in the config."""
+    catalog = ClassCatalog.from_json(config.catalog) if config.catalog else ClassCatalog.default()
+    out = []
+    for ds in config.datasets:
+        mine = [c for c in cases if c.dataset == ds.name]
+        classes = sorted({a for c in mine for a in c.annotated})
+        out.append({
+            "dataset": ds.name,
+            "type": ds.type,
+            "train_cases": sum(c.split in ("train", "both") for c in mine),
+            "val_cases": sum(c.split in ("val", "both") for c in mine),
+            "annotated_classes": [catalog[c].name for c in classes],
+            "licence": ds.licence or "not stated",
+            "source": ds.source or "",
+        })
+    return out
+
+
+def build_metadata(
+    config,
+    *,
+    step: int,
+    cases: Sequence = (),
+    validation: Mapping[str, float] | None = None,
+    validation_step: int | None = None,
+    init: str = "scratch",
+    start_metadata: Mapping[str, Any] | None = None,
+    embedding_sources: Mapping[str, str] | None = None,
+    world_size: int = 1,
+    device: str = "cpu",
+    command: str | None = None,
+    elapsed_minutes: float | None = None,
+) -> dict[str, Any]:
+    """The checkpoint metadata of a training run (JSON-serialisable)."""
+    from .modeling import UPSTREAM_EMBEDDINGS_COPYRIGHT, UPSTREAM_EMBEDDINGS_LICENCE
+
+    upstream_used = any("upstream" in s for s in (embedding_sources or {}).values())
+    start = dict(start_metadata or {})
+    # Licences of the class embeddings inside the weights, by where they came from.
+    emb_licences = []
+    if upstream_used:
+        emb_licences.append(UPSTREAM_EMBEDDINGS_LICENCE)
+    if any(s == "starting checkpoint" for s in (embedding_sources or {}).values()):
+        inherited = (start.get("class_embeddings") or {}).get("licence") or start.get("licence") or "unspecified"
+        emb_licences.append(f"{inherited} (from the starting checkpoint)")
+    if any("text encoder" in s for s in (embedding_sources or {}).values()):
+        emb_licences.append("MIT (computed with OpenAI CLIP ViT-B/32)")
+    if any(s.startswith("file ") for s in (embedding_sources or {}).values()):
+        emb_licences.append("as stated by the embeddings file's provider")
+    meta: dict[str, Any] = {
+        "name": config.name,
+        "description": config.description,
+        "licence": config.licence,
+        "provenance": {
+            "trained_with": f"UniversalSeg {__version__} (universalseg-train)",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command or command_line(),
+            "config_file": str(config.source_path) if config.source_path else None,
+            "config": config.to_dict(),
+            "config_digest": config.digest(),
+            "steps": int(step),
+            "init": init,
+            "init_provenance": {k: start.get(k) for k in ("name", "licence", "provenance", "source") if start.get(k)},
+            "world_size": int(world_size),
+            "device": device,
+            "elapsed_minutes": round(elapsed_minutes, 2) if elapsed_minutes is not None else None,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "training_data": data_provenance(config, cases) if cases else [],
+        "class_embeddings": {
+            "sources": dict(embedding_sources or {}),
+            "licence": "; ".join(dict.fromkeys(emb_licences)) or "unspecified",
+            "copyright": UPSTREAM_EMBEDDINGS_COPYRIGHT if upstream_used else "",
+        },
+        "validation_dice": {k: round(float(v), 4) for k, v in (validation or {}).items()},
+        "validation_step": validation_step,
+    }
+    if upstream_used:
+        meta["licence_notes"] = (
+            f"The 'organ_embedding' tensor holds the upstream class embeddings ({UPSTREAM_EMBEDDINGS_LICENCE}, "
+            f"(c) {UPSTREAM_EMBEDDINGS_COPYRIGHT}); the network was trained conditioned on them."
+        )
+    if start.get("licence") and init != "scratch":
+        meta["licence_notes"] = (meta.get("licence_notes", "") + f" Fine-tuned from {init} (licence {start['licence']}).").strip()
+    return meta
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """A training state written by ``fit`` (loaded without executing code from the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"training state not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read training state {path}: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a UniversalSeg training state (format {STATE_FORMAT!r})")
+    return state
+
+
+def latest_state(run_dir: str | Path) -> Path | None:
+    """The newest training state of a run folder (``checkpoints/last.json``, else the highest step file)."""
+    folder = Path(run_dir) / "checkpoints"
+    pointer = folder / "last.json"
+    if pointer.is_file():
+        try:
+            name = json.loads(pointer.read_text())["file"]
+            if (folder / name).is_file():
+                return folder / name
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    states = sorted(folder.glob("step_*.pt"))
+    return states[-1] if states else None
+
+
+def model_from_state(state: Mapping[str, Any]) -> UniversalModel:
+    """Rebuild the trained model (with class names and metadata) from a training state."""
+    cfg = state["model_config"]
+    model = UniversalModel(ModelConfig(cfg["architecture"], int(cfg["width"]), int(cfg.get("in_channels", 1))), num_classes=len(state["class_names"]))
+    model.load_state_dict(state["model"], strict=True)
+    model.class_names = list(state["class_names"])
+    meta = state.get("metadata") or {}
+    model.metadata = json.loads(meta) if isinstance(meta, str) else dict(meta)
+    return model
+
+
+def export_model(source: str | Path, output: str | Path, *, which: str = "last", extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a project checkpoint from a run folder (``which``: ``last`` state or ``best`` validated weights) or a
+    training-state file. ``extra`` metadata (e.g. name, licence) overrides the recorded one."""
+    from UniversalSegLib.checkpoints import load_project_checkpoint
+
+    source = Path(source)
+    output = Path(output)
+    if source.is_dir():
+        if which == "best":
+            best = source / "model_best.safetensors"
+            if not best.is_file():
+                raise InputError(f"{source} has no model_best.safetensors (no validation ran); export 'last' instead")
+            model = load_project_checkpoint(best)
+        else:
+            state_path = latest_state(source)
+            last = source / "model_last.safetensors"
+            if state_path is None and not last.is_file():
+                raise InputError(f"{source} holds no training state (checkpoints/step_*.pt); is it a run folder of 'fit'?")
+            # model_last.safetensors is written with each state (weights + full metadata); prefer it when current.
+            if last.is_file() and (state_path is None or last.stat().st_mtime >= state_path.stat().st_mtime):
+                model = load_project_checkpoint(last)
+            else:
+                model = model_from_state(read_state(state_path))
+    else:
+        model = model_from_state(read_state(source))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint(model, output, dict(extra or {}))

@@ -1,0 +1,230 @@
+"""Training transforms: the inference preprocessing on image + label, then augmentation (MONAI dictionary transforms).
+
+Deterministic part (cached, :func:`preprocessing_transforms`): read the CT and its labels ->
+orientation RAS -> resample to the engine's spacing (image bilinear, labels nearest) -> HU window scaled to [0, 1]
+-> crop to the body (voxels above the window's low end) -> pad to at least the crop size -> foreground/background voxel
+indices for balanced cropping. These are the dictionary versions of the transforms in
+:func:`UniversalSegLib.preprocessing.build_preprocessing`, with the same constants.
+
+Random part (:func:`augmentation_transforms`): ``num_samples`` crops centred on labelled / unlabelled body voxels
+(``RandCropByPosNegLabeld``) -> encoded labels to one channel per model class (:class:`ClassTargetsd`) -> flips that
+keep laterality right (:class:`RandFlipLateralityd`) -> small rotations -> intensity scale/shift.
+
+Sample layout after augmentation: ``image`` (1, X, Y, Z) float32 in about [0, 1], RAS axes; ``label`` (K, X, Y, Z)
+uint8, one channel per model class; ``annotated`` (K,) bool, which of those channels this case annotates.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    CastToTyped,
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    FgBgToIndicesd,
+    MapTransform,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    Randomizable,
+    RandRotated,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from UniversalSegLib.catalog import ClassCatalog
+from UniversalSegLib.imageio import read_image
+from UniversalSegLib.preprocessing import HU_WINDOW, TARGET_SPACING_MM, sitk_to_metatensor
+
+from .datasets import read_case_labels
+
+
+class LoadCased(MapTransform):
+    """Read a case dict (from :meth:`training.datasets.CaseSpec.to_data`) into tensors.
+
+    Output: ``image`` MetaTensor (1, X, Y, Z) float32 in HU with its RAS affine; ``label`` MetaTensor (S, X, Y, Z)
+    float32 holding the encoded label codes on the same grid; ``targets`` = [[catalog index, [[channel, code], ...]],
+    ...] for the case's annotated classes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(keys=["image", "label"])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        image = read_image(d["image"])
+        labels = read_case_labels(d, image)
+        img = sitk_to_metatensor(image)
+        lab = torch.from_numpy(np.ascontiguousarray(labels.array.transpose(0, 3, 2, 1)).astype(np.float32))
+        d["image"] = img
+        d["label"] = MetaTensor(lab, affine=img.affine.clone())
+        d["targets"] = [[int(c), [[int(ch), int(code)] for ch, code in pairs]] for c, pairs in labels.classes.items()]
+        for key in ("masks", "sources", "known_values", "stamp"):
+            d.pop(key, None)
+        return d
+
+
+def preprocessing_transforms(
+    spacing: Sequence[float] = TARGET_SPACING_MM,
+    hu_window: Sequence[float] = HU_WINDOW,
+    min_size: Sequence[int] | None = None,
+    indices: bool = True,
+) -> Compose:
+    """The deterministic (cacheable) chain; see the module docstring. ``min_size``: pad to at least this size (the crop
+    size) so every crop fits; ``indices``: precompute the voxel indices ``RandCropByPosNegLabeld`` samples from."""
+    keys = ["image", "label"]
+    steps: list = [
+        LoadCased(),
+        # Explicit axis labels = MONAI's current default (silences its deprecation warning; same as inference).
+        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys=keys, pixdim=tuple(spacing), mode=("bilinear", "nearest")),
+        ScaleIntensityRanged(keys="image", a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True),
+        CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
+    ]
+    if min_size is not None:
+        steps.append(SpatialPadd(keys=keys, spatial_size=tuple(int(s) for s in min_size), mode="constant"))
+    steps += [
+        EnsureTyped(keys=keys, track_meta=False),
+        CastToTyped(keys="label", dtype=torch.uint8),
+    ]
+    if indices:
+        # Foreground = any annotated structure; background = other body voxels (image > 0 after scaling).
+        steps.append(FgBgToIndicesd(keys="label", image_key="image", image_threshold=0.0))
+    return Compose(steps)
+
+
+def class_targets(label: torch.Tensor, targets: Sequence, model_classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded labels (S, *spatial) + the case's targets -> (K, *spatial) uint8 masks and (K,) bool annotated, K =
+    ``len(model_classes)`` in that order. Classes the case annotates but the model lacks are dropped."""
+    position = {c: i for i, c in enumerate(model_classes)}
+    out = torch.zeros((len(model_classes), *label.shape[1:]), dtype=torch.uint8)
+    annotated = torch.zeros(len(model_classes), dtype=torch.bool)
+    for c, pairs in targets:
+        k = position.get(int(c))
+        if k is None:
+            continue
+        annotated[k] = True
+        for ch, code in pairs:
+            out[k] |= (label[int(ch)] == int(code)).to(torch.uint8)
+    return out, annotated
+
+
+class ClassTargetsd(MapTransform):
+    """``label`` (S, ...) encoded + ``targets`` -> ``label`` (K, ...) uint8 per model class and ``annotated`` (K,) bool."""
+
+    def __init__(self, model_classes: Sequence[int]) -> None:
+        super().__init__(keys=["label"])
+        self.model_classes = [int(c) for c in model_classes]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        label = torch.as_tensor(d["label"])
+        d["label"], d["annotated"] = class_targets(label, d.pop("targets"), self.model_classes)
+        return d
+
+
+def lateral_pairs(model_classes: Sequence[int], catalog: ClassCatalog) -> list[tuple[int, int]]:
+    """Positions (in ``model_classes``) of right/left class pairs: same name once "Right"/"Left" is removed."""
+    position = {c: i for i, c in enumerate(model_classes)}
+    by_stem: dict[str, dict[str, int]] = {}
+    for c in model_classes:
+        info = catalog[c]
+        if info.laterality in ("right", "left"):
+            stem = " ".join(w for w in info.name.lower().split() if w not in ("right", "left"))
+            by_stem.setdefault(stem, {})[info.laterality] = position[c]
+    return [(p["right"], p["left"]) for p in by_stem.values() if "right" in p and "left" in p]
+
+
+class RandFlipLateralityd(Randomizable, MapTransform):
+    """Flip ``image`` (1, X, Y, Z) and ``label`` (K, X, Y, Z) along each of ``axes`` with probability ``prob``.
+
+    A flip along axis 0 (RAS x, the patient's left-right) mirrors the body, so a right kidney ends up where a left one
+    belongs: the channels (and ``annotated`` entries) of each right/left pair are swapped to keep the labels true.
+    """
+
+    def __init__(self, prob: float, axes: Sequence[int], pairs: Sequence[tuple[int, int]]) -> None:
+        MapTransform.__init__(self, keys=["image", "label"])
+        self.prob = float(prob)
+        self.axes = [int(a) for a in axes]
+        self.pairs = [tuple(p) for p in pairs]
+        self._flips: list[int] = []
+
+    def randomize(self, data: Any = None) -> None:
+        self._flips = [a for a in self.axes if self.R.random_sample() < self.prob]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        self.randomize()
+        if not self._flips:
+            return d
+        dims = [a + 1 for a in self._flips]
+        d["image"] = torch.flip(torch.as_tensor(d["image"]), dims)
+        label = torch.flip(torch.as_tensor(d["label"]), dims)
+        if 0 in self._flips and self.pairs:
+            order = list(range(label.shape[0]))
+            for r, l in self.pairs:
+                order[r], order[l] = l, r
+            label = label[order]
+            if "annotated" in d:
+                d["annotated"] = torch.as_tensor(d["annotated"])[order]
+        d["label"] = label
+        return d
+
+
+class SelectKeysd(MapTransform):
+    """Keep only the given keys (so samples collate into plain batches)."""
+
+    def __init__(self, keys: KeysCollection) -> None:
+        super().__init__(keys=keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        return {k: data[k] for k in self.keys if k in data}
+
+
+def augmentation_transforms(config, model_classes: Sequence[int], catalog: ClassCatalog) -> Compose:
+    """The random chain for training samples (see the module docstring); ``config`` is a TrainingConfig."""
+    aug = config.augmentation
+    crop = tuple(int(s) for s in config.training.crop_size)
+    rad = math.radians(aug.rotate_degrees)
+    steps: list = [
+        RandCropByPosNegLabeld(
+            keys=["image", "label"],
+            label_key="label",
+            spatial_size=crop,
+            pos=aug.pos,
+            neg=aug.neg,
+            num_samples=aug.num_samples,
+            image_key="image",
+            image_threshold=0.0,
+            fg_indices_key="label_fg_indices",
+            bg_indices_key="label_bg_indices",
+            allow_smaller=False,
+        ),
+        ClassTargetsd(model_classes),
+    ]
+    if aug.flip_prob > 0 and aug.flip_axes:
+        steps.append(RandFlipLateralityd(aug.flip_prob, aug.flip_axes, lateral_pairs(model_classes, catalog)))
+    if aug.rotate_prob > 0 and rad > 0:
+        steps += [
+            CastToTyped(keys="label", dtype=torch.float32),
+            RandRotated(keys=["image", "label"], range_x=rad, range_y=rad, range_z=rad, prob=aug.rotate_prob,
+                        mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True),
+            CastToTyped(keys="label", dtype=torch.uint8),
+        ]
+    if aug.intensity_scale_prob > 0 and aug.intensity_scale > 0:
+        steps.append(RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.intensity_scale_prob))
+    if aug.intensity_shift_prob > 0 and aug.intensity_shift > 0:
+        steps.append(RandShiftIntensityd(keys="image", offsets=aug.intensity_shift, prob=aug.intensity_shift_prob))
+    steps += [
+        EnsureTyped(keys=["image", "label", "annotated"], track_meta=False),
+        SelectKeysd(keys=["image", "label", "annotated", "case"]),
+    ]
+    return Compose(steps)
