@@ -174,12 +174,14 @@ def export_model(source: str | Path, output: str | Path, *, which: str = "last",
             model = load_project_checkpoint(best)
         else:
             state_path = latest_state(source)
-            last = source / "model_last.safetensors"
-            if state_path is None and not last.is_file():
+            # fit's final export (after the final validation) and model_last.safetensors (written with each state)
+            # hold the newest weights with their full metadata; use the newest of them that is current.
+            candidates = [p for p in (source / "model.safetensors", source / "model_last.safetensors") if p.is_file()]
+            if state_path is None and not candidates:
                 raise InputError(f"{source} holds no training state (checkpoints/step_*.pt); is it a run folder of 'fit'?")
-            # model_last.safetensors is written with each state (weights + full metadata); prefer it when current.
-            if last.is_file() and (state_path is None or last.stat().st_mtime >= state_path.stat().st_mtime):
-                model = load_project_checkpoint(last)
+            current = [p for p in candidates if state_path is None or p.stat().st_mtime >= state_path.stat().st_mtime]
+            if current:
+                model = load_project_checkpoint(current[0])
             else:
                 model = model_from_state(read_state(state_path))
     else:
