@@ -30,7 +30,7 @@ def _add_segment_parser(sub) -> None:
     p.add_argument("input", help="CT file (.nii.gz, .nrrd, .mha, .mhd), DICOM series folder, or a folder of scans (batch)")
     p.add_argument("-o", "--output", required=True, help="output file (single scan) or folder (batch)")
     what = p.add_argument_group("what to segment")
-    what.add_argument("--classes", help="comma-separated class names or 'all' (default: all, unless --prompt is given)")
+    what.add_argument("--classes", help="comma-separated class names, or 'all' (every class the model knows; the default unless --prompt is given)")
     what.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                       help="free text, e.g. 'IVC and both kidneys' (repeatable; combines with --classes)")
     what.add_argument("--experimental-prompts", action="store_true",
@@ -267,6 +267,10 @@ def cmd_segment(args) -> int:
         check_ct_intensities(preloaded, force=args.force, name=str(source))
 
     engine = _load_engine(args, options)
+    if args.classes and any(t.strip().lower() == "all" for t in args.classes.split(",")):
+        # "all" means every class this model knows (the bundled model knows 23 of the 32); named ones still count.
+        named = select_classes([t for t in args.classes.split(",") if t.strip().lower() != "all"], catalog)
+        classes = sorted(set(named) | set(engine.available_classes()))
     report: list = []
     extra = {}
     if args.prompt:
