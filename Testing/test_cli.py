@@ -269,6 +269,26 @@ def test_library_segment_with_prompt_progress_and_cancel(tiny_model_path, slab):
     assert len(calls) == 2  # stopped between windows, right after the first one
 
 
+def test_library_all_means_the_classes_the_model_knows(tmp_path, slab):
+    from UniversalSegLib import segment
+
+    embeddings = torch.load(shared_path("reference", "clip_txt_encoding_32.pth"), map_location="cpu", weights_only=True).float()
+    torch.manual_seed(0)
+    model = UniversalModel(ModelConfig("unet", 4), num_classes=3)
+    model.organ_embedding.copy_(embeddings[[0, 2, 5]])  # spleen, left kidney, liver
+    model.class_names = [CATALOG[1].name, CATALOG[3].name, CATALOG[6].name]
+    path = save_checkpoint(model, tmp_path / "three.safetensors", {"name": "three", "licence": "test weights"})
+    result = segment(slab, "all", model=str(path), fast=True, device="cpu")
+    assert sorted(result.masks) == [1, 3, 6]
+
+
+def test_unknown_backend_is_a_clear_error(tiny_model_path, slab):
+    from UniversalSegLib import InputError, segment
+
+    with pytest.raises(InputError, match="unknown backend"):
+        segment(slab, "liver", model=str(tiny_model_path), device="cpu", backend="tensorrt")
+
+
 def test_library_rejects_unknown_prompt(tiny_model_path, slab, monkeypatch):
     from UniversalSegLib import ClassNameError, segment
 

@@ -42,7 +42,10 @@ def _add_segment_parser(sub) -> None:
     model.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
     run = p.add_argument_group("inference")
     run.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default 0.5; 0.0 with --fast)")
-    run.add_argument("--fast", action="store_true", help="lower-cost mode: windows without overlap (see README, Performance)")
+    run.add_argument("--fast", action="store_true",
+                     help="lower-cost mode: windows without overlap, bfloat16 backbone on CPUs that have it (see README, Performance)")
+    run.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+                     help="what runs the network: auto (OpenVINO on the CPU when installed, else PyTorch), torch or openvino")
     run.add_argument("--window-batch", type=int, default=1, help="windows per network call (default 1)")
     run.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5, strictly greater)")
     run.add_argument("--class-threshold", action="append", default=[], metavar="CLASS=T",
@@ -233,7 +236,7 @@ def cmd_segment(args) -> int:
     batch = _is_batch_input(source)
     # Check everything the user typed before loading anything heavy.
     options = SegmentationOptions(
-        overlap=args.overlap, sw_batch_size=args.window_batch, device=args.device, fast=args.fast,
+        overlap=args.overlap, sw_batch_size=args.window_batch, device=args.device, fast=args.fast, backend=args.backend,
         threshold=args.threshold, class_thresholds=_class_thresholds(args.class_threshold),
         postprocess=_postprocess_options(args), force=args.force, frame=args.frame,
     )
@@ -348,7 +351,7 @@ def cmd_demo(args) -> int:
     check_writable(out, is_folder=True)
     out.mkdir(parents=True, exist_ok=True)
     engine = _load_engine(args, SegmentationOptions(fast=args.fast, device=args.device))
-    classes = select_classes(args.classes, engine.catalog) if args.classes else engine.available_classes()
+    classes = select_classes(args.classes, engine.catalog, engine.available_classes()) if args.classes else engine.available_classes()
     image = read_image(SAMPLE_CT)
     _info(args, f"demo: segmenting the bundled sample CT ({SAMPLE_CT.name}) with {engine.model.metadata.get('name')} on {engine.device}")
     progress = _Progress(args.progress, SAMPLE_CT.name)

@@ -1,18 +1,55 @@
-"""Sliding-window inference with the published pipeline's Gaussian blending (MONAI's inferer does the tiling)."""
+"""Sliding-window inference with the published pipeline's Gaussian blending.
+
+Two ways to run the windows over a preprocessed volume, with the same window positions, padding and weights as
+MONAI's ``sliding_window_inference`` (which the published pipeline used):
+
+* :meth:`SlidingWindowSegmenter.__call__` returns the blended logits of every class over the whole volume (MONAI's
+  inferer does the tiling); memory grows with classes x volume in float32.
+* :meth:`SlidingWindowSegmenter.predict_masks` returns the thresholded masks only. It visits the windows in MONAI's
+  order and blends them into a band of the volume as thick as one window along the volume's longest axis; every slab
+  behind the band is final (no later window touches it) and is thresholded and dropped. The masks equal
+  ``sigmoid(__call__(...)) > threshold``: bit for bit when the band moves along the first axis (the same float32
+  sums in the same order), and up to the float32 rounding of a differently ordered sum otherwise.
+
+The network runs on a *backend*: ``"torch"`` (the model itself; mixed precision on CUDA) or ``"openvino"``
+(the model's shared backbone pass converted to OpenVINO for the CPU, about twice as fast as PyTorch there; the
+per-class heads stay in PyTorch). Precision ``"bfloat16"`` runs the backbone in bfloat16 on CPUs that support it
+(the engine's ``--fast`` mode); ``"float32"`` is the published arithmetic.
+"""
 from __future__ import annotations
 
-from contextlib import nullcontext
+import hashlib
+import json
+import logging
+import os
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Sequence
+from pathlib import Path
+from time import perf_counter
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data.utils import dense_patch_slices, get_valid_patch_size
 from monai.inferers import sliding_window_inference
 from monai.networks.layers import GaussianFilter
 
 from .networks.universal_model import UniversalModel
 
+logger = logging.getLogger(__name__)
+
 ROI_SIZE: tuple[int, int, int] = (96, 96, 96)
+BACKENDS: tuple[str, ...] = ("auto", "torch", "openvino")
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
+#: Largest float32 blending band (bytes) before ``predict_masks`` stores the band in float16 (e.g. 32 classes of a
+#: 512x512x141 CT need 690 MB in float32); see ``SlidingWindowSegmenter.predict_masks``.
+BAND_FLOAT32_BUDGET = 256 * 2**20
+#: Voxels per chunk when applying the per-class heads: keeps each head's 8-channel intermediates in cache
+#: (about 3x faster than one pass over a whole 96^3 window on CPU; the arithmetic per voxel is unchanged).
+HEAD_CHUNK_VOXELS = 32768
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -40,27 +77,339 @@ def gaussian_weight_map_monai090(roi_size: tuple[int, ...], sigma_scale: float =
     return torch.clamp(weights, min=max(min_non_zero, 1e-3))
 
 
+@dataclass(frozen=True)
+class WindowLayout:
+    """Where MONAI's ``sliding_window_inference`` puts its windows on an image of ``image_shape``.
+
+    The image is zero-padded symmetrically (``pad[axis] = (before, after)``) to at least the ROI in every axis;
+    ``starts`` (N, 3) are the windows' first voxels in the padded image, in MONAI's visiting order (first axis
+    slowest).
+    """
+
+    image_shape: tuple[int, int, int]
+    padded_shape: tuple[int, int, int]
+    pad: tuple[tuple[int, int], ...]
+    roi_size: tuple[int, int, int]
+    starts: np.ndarray
+
+    @classmethod
+    def of(cls, image_shape: Sequence[int], roi_size: Sequence[int] = ROI_SIZE, overlap: float = 0.5) -> "WindowLayout":
+        image_shape = tuple(int(s) for s in image_shape)
+        roi = tuple(int(r) for r in roi_size)
+        pad = tuple(((r - s) // 2, (r - s) - (r - s) // 2) if s < r else (0, 0) for s, r in zip(image_shape, roi))
+        padded = tuple(max(s, r) for s, r in zip(image_shape, roi))
+        roi = tuple(get_valid_patch_size(padded, roi))
+        # MONAI's _get_scan_interval: a full-size axis steps by the ROI, others by int(roi * (1 - overlap)) >= 1
+        interval = [r if r == s else max(int(r * (1 - overlap)), 1) for r, s in zip(roi, padded)]
+        starts = np.asarray([[sl.start for sl in window] for window in dense_patch_slices(padded, roi, interval)], dtype=np.int64)
+        return cls(image_shape, padded, pad, roi, starts)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
 def count_windows(spatial_shape: Sequence[int], roi_size: Sequence[int] = ROI_SIZE, overlap: float = 0.5) -> int:
     """Number of windows MONAI's inferer visits for an image of ``spatial_shape`` (after padding to the ROI)."""
-    padded = [max(s, r) for s, r in zip(spatial_shape, roi_size)]
-    roi = get_valid_patch_size(padded, roi_size)
-    interval = [max(int(r * (1 - overlap)), 1) if r < s else 1 for r, s in zip(roi, padded)]
-    return len(dense_patch_slices(padded, roi, interval))
+    return len(WindowLayout.of(spatial_shape, roi_size, overlap))
 
 
-def select_autocast(device: torch.device):
-    """Mixed precision on CUDA; full precision on CPU (CPU half-precision convolutions are slower and less exact)."""
+def select_autocast(device: torch.device, precision: str = "float32"):
+    """Mixed precision (float16) on CUDA; bfloat16 autocast on CPU only when asked; otherwise full precision."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
+    if precision == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 
+# ------------------------------------------------------------------------------------------------ backends
+def openvino_available() -> bool:
+    """True when the ``openvino`` package can be imported."""
+    try:
+        import openvino  # noqa: F401
+    except Exception:  # a broken install raises more than ImportError
+        return False
+    return True
+
+
+def cpu_supports_bfloat16() -> bool:
+    """True when this CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX), where bfloat16 pays off."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_backend(backend: str, device: torch.device, architecture: str = "unet", precision: str = "float32") -> str:
+    """Which backend runs the windows. ``UNIVERSALSEG_BACKEND`` (torch, openvino, auto) overrides ``auto``.
+
+    ``auto`` picks OpenVINO on CPU when it is installed and faster there (measured on a 2-core AVX-512 CPU, see
+    benchmarks/README.md): the U-Net in float32 (about 1.8x) and bfloat16 (about 4x); Swin UNETR in bfloat16 only
+    (about 7x; in float32 OpenVINO is slower than PyTorch for it). Otherwise PyTorch.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = os.environ.get("UNIVERSALSEG_BACKEND", "auto").strip().lower() or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"UNIVERSALSEG_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        faster = architecture == "unet" or precision == "bfloat16"
+        return "openvino" if device.type == "cpu" and faster and openvino_available() else "torch"
+    if backend == "openvino" and device.type != "cpu":
+        raise ValueError("the openvino backend runs on the CPU only; use backend 'torch' (or 'auto') with CUDA")
+    if backend == "openvino" and not openvino_available():
+        raise ValueError("the openvino backend needs the openvino package: pip install openvino (or use backend 'torch')")
+    return backend
+
+
+def apply_heads_chunked(model: UniversalModel, global_feature: torch.Tensor, head_input: torch.Tensor,
+                        class_embeddings: torch.Tensor, chunk: int = HEAD_CHUNK_VOXELS) -> torch.Tensor:
+    """The model's per-class heads over a batch of windows, ``chunk`` voxels at a time.
+
+    global_feature (B, 256), head_input (B, 8, D, H, W), class_embeddings (K, 512) -> logits (B, K, D, H, W) float32,
+    equal to ``model.apply_heads(head_input, model.head_parameters(global_feature, class_embeddings))``.
+    """
+    params = model.head_parameters(global_feature, class_embeddings.to(global_feature.device))
+    b, c, *spatial = head_input.shape
+    flat = head_input.reshape(b, c, -1, 1, 1)
+    n = flat.shape[2]
+    out = torch.empty((b, params.shape[1], n, 1, 1), dtype=torch.float32, device=head_input.device)
+    # Thousands of small operations: on CPU one thread does them fastest, and does not stall in thread barriers when
+    # other processes share the cores (two threads measured up to 100x slower on a busy 2-core machine).
+    with _torch_threads(1) if head_input.device.type == "cpu" else nullcontext():
+        for s in range(0, n, chunk):
+            out[:, :, s : s + chunk] = model.apply_heads(flat[:, :, s : s + chunk], params)
+    return out.reshape(b, params.shape[1], *spatial)
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class TorchWindowNetwork:
+    """Windows (B, 1, D, H, W) -> logits (B, K, D, H, W) float32 with the PyTorch model on its device."""
+
+    name = "torch"
+
+    def __init__(self, model: UniversalModel, device: torch.device, precision: str = "float32") -> None:
+        self.model = model
+        self.device = device
+        if device.type == "cpu" and precision == "bfloat16":
+            # PyTorch's CPU bfloat16 pays off for the U-Net's convolutions only (Swin UNETR gets slower).
+            architecture = getattr(getattr(model, "config", None), "architecture", "unet")
+            if not cpu_supports_bfloat16() or architecture != "unet":
+                logger.info("bfloat16 does not pay off here (CPU or architecture): running in float32")
+                precision = "float32"
+        self.precision = "float16" if device.type == "cuda" else precision  # CUDA: automatic mixed precision
+
+    def __call__(self, windows: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), select_autocast(self.device, self.precision):
+            global_feature, head_input = self.model.encode(windows.to(self.device))
+            if self.device.type == "cuda":  # heads in float16 too, as one batched call
+                return self.model.apply_heads(head_input, self.model.head_parameters(global_feature, class_embeddings)).float()
+        with torch.inference_mode():
+            return apply_heads_chunked(self.model, global_feature.float(), head_input.float(), class_embeddings)
+
+
+# Converted OpenVINO backbones by weights digest: converting takes seconds, and the CLI's batch mode, the Slicer module
+# and the tests run the same weights many times in one process. Converted models are also kept on disk (cache_dir()).
+# Compiling is fast (well under a second) and the compiled model holds the working memory of an inference (about
+# 1.4 GB for the released U-Net), so it is compiled for each run and released after it.
+_OPENVINO_MODELS: "OrderedDict[tuple, object]" = OrderedDict()
+_OPENVINO_MODELS_MAX = 2
+
+
+def model_digest(model: UniversalModel) -> str:
+    """A digest of the architecture and every weight of ``model`` (changes whenever a weight changes)."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        array = tensor.detach().to("cpu").contiguous().numpy()
+        h.update(f"{name}:{array.dtype}:{array.shape};".encode())
+        h.update(array.data)
+    return h.hexdigest()
+
+
+@contextmanager
+def _line_wise_norm_statistics(model: torch.nn.Module) -> Iterator[None]:
+    """Trace the U-Net's instance statistics as explicit line-wise means (see ``PerSampleBatchNorm3d``)."""
+    from .networks.unet3d import PerSampleBatchNorm3d
+
+    norms = [m for m in model.modules() if isinstance(m, PerSampleBatchNorm3d)]
+    for m in norms:
+        m.line_wise_statistics = True
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.line_wise_statistics = False
+
+
+class _EncodeModule(torch.nn.Module):
+    def __init__(self, model: UniversalModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode(image)
+
+
+class OpenVINOWindowNetwork:
+    """The backbone pass (``model.encode``) compiled with OpenVINO for the CPU; heads in PyTorch.
+
+    One window per inference (batching does not pay on CPU). ``precision``: ``float32`` (results equal PyTorch's up to
+    float32 rounding) or ``bfloat16`` (on CPUs with native bfloat16; otherwise float32). The converted model is cached
+    in memory and, unless ``disk_cache=False``, under ``cache_dir()/openvino`` (keyed by a digest of the weights).
+    """
+
+    name = "openvino"
+
+    def __init__(self, model: UniversalModel, roi_size: Sequence[int], precision: str = "float32",
+                 threads: int | None = None, disk_cache: bool = True) -> None:
+        import openvino as ov
+
+        self.model = model
+        self.roi_size = tuple(int(r) for r in roi_size)
+        core = ov.Core()
+        if precision == "bfloat16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            logger.info("this CPU has no native bfloat16: OpenVINO runs in float32")
+            precision = "float32"
+        self.precision = precision
+        self.threads = int(threads or torch.get_num_threads())
+        self.digest = model_digest(model)
+        key = (self.digest, self.roi_size)
+        converted = _OPENVINO_MODELS.get(key)
+        if converted is None:
+            converted = _OPENVINO_MODELS[key] = self._load_or_convert(ov, core, disk_cache)
+            while len(_OPENVINO_MODELS) > _OPENVINO_MODELS_MAX:
+                _OPENVINO_MODELS.popitem(last=False)
+        _OPENVINO_MODELS.move_to_end(key)
+        self.converted = converted
+        self._core = core
+        self.compiled = None
+        self.request = None
+        self._compile()
+
+    def _compile(self) -> None:
+        self.compiled = self._core.compile_model(
+            self.converted,
+            "CPU",
+            {
+                "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bfloat16" else "f32",
+                "INFERENCE_NUM_THREADS": self.threads,
+                "PERFORMANCE_HINT": "LATENCY",
+            },
+        )
+
+    def _cache_path(self, ov) -> Path | None:
+        try:
+            from .download import cache_dir
+
+            folder = cache_dir(create=True) / "openvino"
+        except Exception:  # no writable cache: convert every time
+            return None
+        roi = "x".join(str(r) for r in self.roi_size)
+        version = ov.get_version().split("-")[0]
+        # g2: instance statistics traced line-wise (older cached graphs used OpenVINO's less exact MVN)
+        return folder / f"{self.model.config.architecture}-{roi}-{self.digest}-ov{version}-g2.xml"
+
+    def _load_or_convert(self, ov, core, disk_cache: bool):
+        path = self._cache_path(ov) if disk_cache else None
+        if path is not None and path.is_file() and path.with_suffix(".bin").is_file():
+            try:
+                return core.read_model(str(path))
+            except Exception as exc:  # a damaged cache entry: convert again
+                logger.warning("ignoring cached OpenVINO model %s (%s)", path, str(exc).splitlines()[0])
+        converted = self._convert(ov)
+        if path is not None:
+            tmp = path.parent / f".{path.stem}.{os.getpid()}.tmp"
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # compress_to_fp16=False: keep the float32 weights (the default would round them to float16)
+                ov.save_model(converted, str(tmp.with_suffix(".xml")), compress_to_fp16=False)
+                tmp.with_suffix(".bin").replace(path.with_suffix(".bin"))
+                tmp.with_suffix(".xml").replace(path)
+            except OSError as exc:
+                logger.warning("could not cache the OpenVINO model in %s (%s)", path.parent, exc)
+            finally:
+                tmp.with_suffix(".xml").unlink(missing_ok=True)
+                tmp.with_suffix(".bin").unlink(missing_ok=True)
+        return converted
+
+    def _convert(self, ov):
+        import warnings
+
+        model = self.model
+        # U-Nets accept any multiple of 8: trace a small window (fast) and set the shape afterwards. Swin UNETR's
+        # window partitioning is traced with fixed shapes, so it is traced at the ROI.
+        small = model.config.architecture == "unet"
+        example = tuple(min(32, r) for r in self.roi_size) if small else self.roi_size
+        was_training = model.training
+        model.eval()
+        try:
+            with warnings.catch_warnings(), torch.no_grad(), _line_wise_norm_statistics(model):
+                warnings.simplefilter("ignore")  # torch.jit.trace deprecation notices from the converter
+                module = _EncodeModule(model)
+                if small:
+                    converted = ov.convert_model(
+                        module, example_input=(torch.zeros((1, 1, *example), device=model.organ_embedding.device),),
+                        input=[ov.PartialShape([1, 1, -1, -1, -1])],
+                    )
+                    converted.reshape({0: [1, 1, *self.roi_size]})
+                else:
+                    converted = ov.convert_model(
+                        module, example_input=(torch.zeros((1, 1, *example), device=model.organ_embedding.device),),
+                        input=[ov.PartialShape([1, 1, *example])],
+                    )
+        finally:
+            model.train(was_training)
+        return converted
+
+    def release(self) -> None:
+        """Free the compiled model and its working memory; the next call compiles again (the converted model stays
+        cached)."""
+        self.request = None
+        self.compiled = None
+
+    def __call__(self, windows: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            self._compile()
+        if self.request is None:
+            self.request = self.compiled.create_infer_request()
+        features, heads = [], []
+        for window in windows:
+            result = self.request.infer({0: np.ascontiguousarray(window[None].detach().cpu().numpy(), dtype=np.float32)})
+            features.append(torch.from_numpy(np.array(result[0])))
+            heads.append(torch.from_numpy(np.array(result[1])))
+        with torch.inference_mode():
+            return apply_heads_chunked(self.model, torch.cat(features), torch.cat(heads), class_embeddings.cpu())
+
+
+# ------------------------------------------------------------------------------------------------ segmenter
 class SlidingWindowSegmenter:
-    """Run a Universal Model over a whole preprocessed volume in 96^3 windows and blend the logits.
+    """Run a Universal Model over a whole preprocessed volume in 96^3 windows, blending with Gaussian weights.
 
     ``__call__(image, class_embeddings)``: image (1, 1, X, Y, Z) in [0, 1], class_embeddings (K, 512)
-    -> blended logits (1, K, X, Y, Z) float32 on ``output_device``. Thresholding logits at 0 equals thresholding the
-    sigmoid at 0.5 (the published pipeline blends logits, then applies the sigmoid).
+    -> blended logits (1, K, X, Y, Z) float32 on ``output_device``. ``predict_masks(image, class_embeddings,
+    thresholds)`` -> bool (K, X, Y, Z) on the CPU, without holding the logits of the whole volume. Thresholding
+    logits at 0 equals thresholding the sigmoid at 0.5 (the published pipeline blends logits, then applies the
+    sigmoid).
+
+    ``backend``: ``"torch"`` (default), ``"openvino"`` (CPU) or ``"auto"`` (see :func:`resolve_backend`);
+    ``precision``: ``"float32"`` or ``"bfloat16"`` (CPU backbone in bfloat16 where the CPU supports it). After a
+    run, ``timings`` holds seconds spent in the network (``network``), in blending and thresholding (``blend``), and
+    in preparing the backend (``setup``, e.g. converting the model to OpenVINO).
     """
 
     def __init__(
@@ -74,11 +423,15 @@ class SlidingWindowSegmenter:
         output_device: torch.device | str = "cpu",
         progress: ProgressCallback | None = None,
         cancel: Callable[[], bool] | None = None,
+        backend: str = "torch",
+        precision: str = "float32",
     ) -> None:
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         if sw_batch_size < 1:
             raise ValueError(f"window batch size must be >= 1, got {sw_batch_size}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.model = model
         self.roi_size = tuple(int(r) for r in roi_size)
         self.overlap = overlap
@@ -87,26 +440,61 @@ class SlidingWindowSegmenter:
         self.output_device = torch.device(output_device)
         self.progress = progress
         self.cancel = cancel
+        self.precision = precision
+        architecture = getattr(getattr(model, "config", None), "architecture", "unet")
+        self.backend = resolve_backend(backend, self.device, architecture, precision)
         self.windows_done = 0
+        self.timings: dict[str, float] = {}
+        self.accumulate_dtype: torch.dtype | None = None  # of the last predict_masks band
+        self._network: TorchWindowNetwork | OpenVINOWindowNetwork | None = None
+
+    @property
+    def network(self) -> TorchWindowNetwork | OpenVINOWindowNetwork:
+        """The per-window network of the chosen backend (built on first use)."""
+        if self._network is None:
+            t = perf_counter()
+            if self.backend == "openvino":
+                self._network = OpenVINOWindowNetwork(self.model, self.roi_size, self.precision)
+            else:
+                self._network = TorchWindowNetwork(self.model, self.device, self.precision)
+            self.timings["setup"] = self.timings.get("setup", 0.0) + perf_counter() - t
+        return self._network
+
+    @property
+    def effective_precision(self) -> str:
+        """The precision the backbone actually runs in (bfloat16 falls back to float32 without CPU support)."""
+        return self.network.precision
+
+    def _start(self, total: int) -> None:
+        self.windows_done = 0
+        self.timings = {"setup": 0.0, "network": 0.0, "blend": 0.0}
+        if self.progress is not None:
+            self.progress(0.0, f"window 0/{total}")
+        _ = self.network
+
+    def _run_network(self, windows: torch.Tensor, embeddings: torch.Tensor, total: int) -> torch.Tensor:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("segmentation cancelled")
+        t = perf_counter()
+        logits = self.network(windows, embeddings)
+        self.timings["network"] += perf_counter() - t
+        self.windows_done += windows.shape[0]
+        if self.progress is not None:
+            self.progress(self.windows_done / total, f"window {self.windows_done}/{total}")
+        return logits
 
     def __call__(self, image: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
         total = count_windows(image.shape[2:], self.roi_size, self.overlap)
-        self.windows_done = 0
+        self._start(total)
         embeddings = class_embeddings.to(self.device, torch.float32)
 
         def predictor(windows: torch.Tensor) -> torch.Tensor:
-            if self.cancel is not None and self.cancel():
-                raise Cancelled("segmentation cancelled")
-            with select_autocast(self.device):
-                logits = self.model(windows.to(self.device), embeddings)
-            self.windows_done += windows.shape[0]
-            if self.progress is not None:
-                self.progress(self.windows_done / total, f"window {self.windows_done}/{total}")
-            return logits.float()
+            return self._run_network(windows, embeddings, total).to(windows.device)
 
         weights = gaussian_weight_map_monai090(self.roi_size).to(self.device)
+        t = perf_counter()
         with torch.inference_mode():
-            return sliding_window_inference(
+            out = sliding_window_inference(
                 image.as_tensor() if hasattr(image, "as_tensor") else image,
                 self.roi_size,
                 self.sw_batch_size,
@@ -119,3 +507,145 @@ class SlidingWindowSegmenter:
                 sw_device=self.device,
                 device=self.output_device,
             )
+        self.timings["blend"] = perf_counter() - t - self.timings["network"]
+        self.release()
+        return out
+
+    def release(self) -> None:
+        """Free the backend's working memory (OpenVINO's compiled model); the next run prepares it again."""
+        if isinstance(self._network, OpenVINOWindowNetwork):
+            self._network.release()
+
+    def predict_masks(
+        self,
+        image: torch.Tensor,
+        class_embeddings: torch.Tensor,
+        thresholds: float | Sequence[float] = 0.5,
+        *,
+        stream_axis: int | None = None,
+        accumulate_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Thresholded masks of K classes: bool (K, X, Y, Z) on the CPU, ``sigmoid(blended logit) > threshold``.
+
+        Blending runs on the GPU when the segmenter's device is CUDA, else on the CPU; the masks always end on the CPU.
+
+        ``image`` (1, 1, X, Y, Z); ``thresholds``: one probability in (0, 1) for all classes or one per class.
+        ``stream_axis``: the axis the blending band moves along (default: the longest axis of the padded image,
+        which needs the least memory: K x roi x the other two sizes). ``accumulate_dtype``: storage of the band's
+        running sums: float32 (the published arithmetic) or float16 (half the memory; each window's sum is added in
+        float32 and rounded once: on the released U-Net's 32 classes about 1 voxel in 10^5 changes, Dice >= 0.9999
+        per class). Default: float32 while the band fits in ``BAND_FLOAT32_BUDGET`` bytes, else float16.
+        """
+        image = image.as_tensor() if hasattr(image, "as_tensor") else image
+        if image.dim() != 5 or image.shape[:2] != (1, 1):
+            raise ValueError(f"image must be (1, 1, X, Y, Z), got {tuple(image.shape)}")
+        k = int(class_embeddings.shape[0])
+        thresholds = [float(thresholds)] * k if isinstance(thresholds, (int, float)) else [float(t) for t in thresholds]
+        if len(thresholds) != k:
+            raise ValueError(f"{len(thresholds)} thresholds for {k} classes")
+        layout = WindowLayout.of(image.shape[2:], self.roi_size, self.overlap)
+        axis = int(np.argmax(layout.padded_shape)) if stream_axis is None else int(stream_axis)
+        self._start(len(layout))
+        embeddings = class_embeddings.to(self.device, torch.float32)
+        # Blending happens where the network runs (a GPU blends far faster than the CPU it would wait for).
+        work = self.device if self.device.type == "cuda" else torch.device("cpu")
+        weights = gaussian_weight_map_monai090(layout.roi_size).to(work)
+        t_blend = perf_counter()
+
+        volume = image[0, 0].to("cpu", torch.float32)  # a view when already float32 on the CPU
+        if any(p != (0, 0) for p in layout.pad):
+            volume = F.pad(volume, [v for p in reversed(layout.pad) for v in p], mode="constant", value=0.0)
+
+        # Finished masks are kept bit-packed (1 bit per voxel) along an axis the band does not move along, and
+        # unpacked once the band and the network's working memory are gone.
+        pack_axis = 2 if axis != 2 else 1
+        packed_shape = list(layout.image_shape)
+        packed_shape[pack_axis] = (packed_shape[pack_axis] + 7) // 8
+        packed = np.zeros((k, *packed_shape), dtype=np.uint8)
+        roi_axis = layout.roi_size[axis]
+        band_shape = list(layout.padded_shape)
+        band_shape[axis] = roi_axis
+        if accumulate_dtype is None:
+            accumulate_dtype = torch.float32 if 4 * k * int(np.prod(band_shape)) <= BAND_FLOAT32_BUDGET else torch.float16
+        self.accumulate_dtype = accumulate_dtype
+        band = torch.zeros((k, *band_shape), dtype=accumulate_dtype, device=work)
+        exact = accumulate_dtype == torch.float32
+        band_start = 0  # padded coordinate of the band's first plane
+
+        def weight_sum(a: int, b: int) -> torch.Tensor:
+            """MONAI's count map (sum of the window weights) over the padded planes [a, b), in MONAI's window order."""
+            shape = list(layout.padded_shape)
+            shape[axis] = b - a
+            total = torch.zeros(shape, dtype=torch.float32, device=work)
+            for start in layout.starts:
+                lo = int(start[axis])
+                if lo >= b or lo + roi_axis <= a:
+                    continue
+                target = list(_window_slices(start, layout.roi_size))
+                target[axis] = slice(max(lo, a) - a, min(lo + roi_axis, b) - a)
+                source = [slice(None)] * 3
+                source[axis] = slice(max(lo, a) - lo, min(lo + roi_axis, b) - lo)
+                total[tuple(target)] += weights[tuple(source)]
+            return total
+
+        def finalize(stop: int) -> None:
+            """Threshold the planes [band_start, stop) of the band into ``packed``."""
+            lo, hi = band_start, stop
+            # the part of [lo, hi) inside the unpadded image, in padded coordinates
+            before = layout.pad[axis][0]
+            a, b = max(lo, before), min(hi, before + layout.image_shape[axis])
+            if a >= b:
+                return
+            den = weight_sum(a, b)
+            inner = [slice(p[0], p[0] + s) for p, s in zip(layout.pad, layout.image_shape)]
+            inner[axis] = slice(None)
+            target = [slice(None)] * 3
+            target[axis] = slice(a - before, b - before)
+            for c in range(k):
+                num = band[c].narrow(axis, a - lo, b - a).float()
+                # The published rule on MONAI's blended output: sigmoid(sum(w * logit) / sum(w)) > threshold.
+                mask = (torch.sigmoid(num / den) > thresholds[c])[tuple(inner)]
+                packed[c][tuple(target)] = np.packbits(mask.cpu().numpy(), axis=pack_axis)
+
+        def shift(new_start: int) -> None:
+            nonlocal band_start
+            d = new_start - band_start
+            if d <= 0:
+                return
+            finalize(new_start)
+            keep = roi_axis - d
+            for i in range(max(keep, 0)):  # plane by plane, front to back: source planes are read before overwritten
+                band.select(axis + 1, i).copy_(band.select(axis + 1, i + d))
+            band.narrow(axis + 1, max(keep, 0), min(d, roi_axis)).zero_()
+            band_start = new_start
+
+        order = np.argsort(layout.starts[:, axis], kind="stable")  # MONAI's order within each band position
+        groups = np.split(order, np.flatnonzero(np.diff(layout.starts[order, axis])) + 1)
+        with torch.inference_mode():
+            for group in groups:
+                shift(int(layout.starts[group[0], axis]))
+                for first in range(0, len(group), self.sw_batch_size):
+                    batch = group[first : first + self.sw_batch_size]
+                    windows = torch.stack([volume[_window_slices(layout.starts[i], layout.roi_size)] for i in batch])[:, None]
+                    logits = self._run_network(windows, embeddings, len(layout)).to(work, torch.float32)
+                    for n, i in enumerate(batch):
+                        start = layout.starts[i].copy()
+                        start[axis] -= band_start
+                        # MONAI: buffer *= weights, output[window] += buffer (same float32 operations)
+                        target = band[(slice(None), *_window_slices(start, layout.roi_size))]
+                        if exact:
+                            target += logits[n].mul_(weights)
+                        else:  # add in float32, round once; class by class keeps the float32 temporaries small
+                            weighted = logits[n].mul_(weights)
+                            for c in range(k):
+                                target[c].copy_(target[c].float() + weighted[c])
+            finalize(layout.padded_shape[axis])
+        del band, volume
+        self.release()
+        masks = np.unpackbits(packed, axis=pack_axis + 1, count=layout.image_shape[pack_axis]).view(np.bool_)
+        self.timings["blend"] = perf_counter() - t_blend - self.timings["network"]
+        return torch.from_numpy(masks)
+
+
+def _window_slices(start: Sequence[int], roi_size: Sequence[int]) -> tuple[slice, ...]:
+    return tuple(slice(int(s), int(s) + int(r)) for s, r in zip(start, roi_size))
