@@ -165,6 +165,7 @@ ENGINE_REQUIREMENTS: dict[str, str] = {
     "open_clip": "open-clip-torch>=2.24",
     "tqdm": "tqdm>=4.60",
     "PIL": "pillow>=9",
+    "openvino": "openvino>=2024.6",
 }
 TORCH_REQUIREMENT = ">=2.1"
 #: Packages Slicer already has loaded: pinned to the installed version while installing, so pip never replaces them
