@@ -22,18 +22,6 @@ from UniversalSegLib.networks import ModelConfig, UniversalModel
 CATALOG = ClassCatalog.default()
 
 
-@pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory) -> Path:
-    """A 1/8-width U-Net Universal Model with random weights and the real 32 class embeddings."""
-    embeddings = torch.load(shared_path("reference", "clip_txt_encoding_32.pth"), map_location="cpu", weights_only=True).float()
-    torch.manual_seed(0)
-    model = UniversalModel(ModelConfig("unet", 4))
-    model.organ_embedding.copy_(embeddings)
-    model.class_names = CATALOG.names
-    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
-    return save_checkpoint(model, path, {"name": "tiny-test", "licence": "test weights"})
-
-
 @pytest.fixture
 def slab() -> Path:
     return shared_path("data", "ct", "totalseg_abdomen", "ct_upper_slab.nii.gz")

@@ -1,4 +1,5 @@
-"""Errors the engine raises for bad input: one clear line each, saying what is wrong and what to do."""
+"""Errors the engine raises for bad input: one clear line each, saying what is wrong and what to do; and
+:func:`printable`, which makes user-typed text safe to echo."""
 
 
 class UniversalSegError(Exception):
@@ -19,3 +20,17 @@ class DownloadError(UniversalSegError):
 
 class ClassNameError(UniversalSegError):
     """A class name or prompt item does not name a catalog class."""
+
+
+class OutputError(InputError):
+    """An output would overwrite an input or another output, or could not be written completely (the previous file,
+    if any, is kept)."""
+
+
+def printable(text: object) -> str:
+    """``text`` safe to echo on a terminal or in a log: control characters (escape sequences that clear the screen or
+    set the window title, newlines that would fake extra lines) are shown as Python escapes (``\\x1b``)."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

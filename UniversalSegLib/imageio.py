@@ -5,31 +5,34 @@ Reading goes through SimpleITK: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), Meta
 SimpleITK terms: size/spacing in (x, y, z) order, origin and direction in LPS physical space.
 
 Writing: a multi-label map (NIfTI/NRRD), a 3D Slicer ``.seg.nrrd`` (via ``slicerio``), one binary NIfTI mask per class,
-a DICOM SEG (via ``highdicom``) and a JSON summary. Every file is written under a temporary name in its destination
-folder and renamed when complete (``os.replace``), so that a failure never leaves a partial output behind.
+a DICOM SEG (via ``highdicom``) and a JSON summary. Every file goes through :mod:`~UniversalSegLib.output_safety`:
+never over an input, written under a temporary name in its destination folder, fsynced, read back and compared with
+what was meant, and only then renamed into place, so that a failure (a full disk, a signal) never leaves a partial
+output behind and never loses the previous file.
 
 Every problem with the user's input or output path raises :class:`~UniversalSegLib.errors.InputError` with one line
 that says what is wrong and what to do.
 """
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
 import logging
 import os
 import re
-import secrets
 import struct
 import tempfile
 import warnings
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, printable
+from .output_safety import OutputPlan, OutputTransaction, check_regular_input, safe_output, verify_image, verify_text
 
 if TYPE_CHECKING:
     from .result import SegmentationResult
@@ -45,12 +48,16 @@ __all__ = [
     "output_format",
     "with_format_suffix",
     "check_writable",
+    "write_image",
     "write_label_map",
     "write_seg_nrrd",
     "write_split_masks",
     "write_dicom_seg",
     "write_summary",
+    "plan_outputs",
     "write_outputs",
+    "split_mask_paths",
+    "nifti_file_bytes",
     "read_seg_nrrd",
 ]
 
@@ -88,27 +95,42 @@ _CT_MIN_RANGE = 200.0
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def read_image(path: str | Path, *, frame: int | None = None) -> sitk.Image:
+def read_image(
+    path: str | Path,
+    *,
+    frame: int | None = None,
+    skip_unreadable_slices: bool = False,
+    allow_irregular_slices: bool = False,
+    notes: list[str] | None = None,
+) -> sitk.Image:
     """Read a CT volume as a 3-D SimpleITK image with its geometry.
 
     Args:
         path: a NIfTI/NRRD/MetaImage file, a folder holding a DICOM series (the series with most files is read when
             there are several; a warning names it), or one DICOM file (its whole series is read).
         frame: for a 4-D image (e.g. a time series), the 0-based index of the 3-D frame to segment.
+        skip_unreadable_slices: segment a DICOM series without its unreadable (truncated, corrupt) files instead of
+            refusing it; a warning is logged and added to ``notes``.
+        allow_irregular_slices: read a DICOM series whose slices are unevenly spaced (a missing slice) instead of
+            refusing it (ITK then assumes the first gap everywhere); a warning goes to ``notes``.
+        notes: list that receives the warnings meant for the run's summary.
 
     Returns:
         a 3-D image, int16 when the voxel values are integers that fit, float32 otherwise; size (x, y, z), LPS geometry.
         A DICOM series carries the tags ``0008|0060`` (Modality) and ``0020|000e`` (SeriesInstanceUID) as metadata.
 
     Raises:
-        InputError: missing path, unreadable/corrupt/truncated file, not an image, 2-D image, 4-D image without a
-            frame, frame out of range, more than one value per voxel (RGB/vector), NaN/infinite values.
+        InputError: missing path, not a regular file (a FIFO), unreadable/corrupt/truncated file, not an image, 2-D
+            image, 4-D image without a frame, frame out of range, more than one value per voxel (RGB/vector),
+            NaN/infinite values, a DICOM series with unreadable files or missing slices (unless allowed).
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise InputError(f"input '{path}' does not exist; check the path")
+        raise InputError(f"input '{printable(path)}' does not exist; check the path")
+    check_regular_input(path)
     if path.is_dir() or _is_dicom_file(path):
-        image = _read_dicom(path)
+        notes = notes if notes is not None else []
+        image = _read_dicom(path, skip_unreadable_slices, allow_irregular_slices, notes)
     else:
         image = _read_file(path)
     tags = {key: image.GetMetaData(key) for key in _KEPT_TAGS if image.HasMetaDataKey(key)}
@@ -202,8 +224,11 @@ def _read_file(path: Path) -> sitk.Image:
         raise InputError(f"cannot read '{path}': {reason}; re-export or re-copy the scan") from None
     _check_header(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), reader.GetPixelID())
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        # ITK fills a truncated NIfTI with zeros without an error: check the data is all there first.
+        # ITK fills a truncated NIfTI with zeros without an error: check the data is all there first...
         _check_nifti_complete(path)
+        # ...and it reads NaN voxels of a float NIfTI as 0 without a warning: look at the file's own values.
+        if _nifti_has_nonfinite(path):
+            raise _nonfinite_error(path)
     try:
         return reader.Execute()
     except RuntimeError as error:
@@ -214,10 +239,12 @@ def _read_file(path: Path) -> sitk.Image:
         ) from None
 
 
-def _read_dicom(path: Path) -> sitk.Image:
+def _read_dicom(path: Path, skip_unreadable: bool, allow_irregular: bool, notes: list[str]) -> sitk.Image:
     files = dicom_series_files(path)
     header = _dicom_header(files[0])
     _refuse_non_image(header, files[0])
+    _check_series_complete(path, files, str(header.get("SeriesInstanceUID", "")), skip_unreadable, notes)
+    _check_slice_spacing(path, files, allow_irregular, notes)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
     try:
@@ -231,6 +258,76 @@ def _read_dicom(path: Path) -> sitk.Image:
         if value:
             image.SetMetaData(tag, str(value))
     return image
+
+
+def _unreadable_series_files(files: list[Path], uid: str) -> list[Path]:
+    """DICOM files beside the series' files that GDCM left out of every series: they carry this series' UID, or no
+    readable header at all (a truncated or corrupt slice). Other series, DICOMDIR and hidden files are not counted."""
+    listed = {f.resolve() for f in files}
+    folders = sorted({f.parent for f in files})
+    others: set[Path] = set()
+    for folder in folders:
+        for other_uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+            if other_uid != uid:
+                others.update(Path(f).resolve() for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), other_uid))
+    bad = []
+    for folder in folders:
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith(".") or entry.name.upper() == "DICOMDIR" or not entry.is_file():
+                continue
+            real = entry.resolve()
+            if real in listed or real in others or not _is_dicom_file(entry):
+                continue
+            header = _dicom_header(entry)
+            entry_uid = str(header.get("SeriesInstanceUID", "")) if header is not None else ""
+            if header is not None and str(header.get("MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10":
+                continue  # a DICOMDIR under another name
+            if entry_uid in ("", uid):
+                bad.append(entry)
+    return bad
+
+
+def _check_series_complete(path: Path, files: list[Path], uid: str, skip: bool, notes: list[str]) -> None:
+    bad = _unreadable_series_files(files, uid)
+    if not bad:
+        return
+    names = ", ".join(printable(f.name) for f in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if not skip:
+        raise InputError(
+            f"the DICOM series in '{printable(path)}' has {len(bad)} unreadable file{'s' if len(bad) > 1 else ''} "
+            f"({names}: truncated or corrupt); re-copy the series, or pass --skip-unreadable-slices to segment the "
+            f"other {len(files)} slices"
+        )
+    message = f"skipped {len(bad)} unreadable DICOM file{'s' if len(bad) > 1 else ''} of the series: {names}"
+    logger.warning("%s", message)
+    notes.append(message)
+
+
+def _check_slice_spacing(path: Path, files: list[Path], allow: bool, notes: list[str]) -> None:
+    """Refuse a series whose slice positions are not evenly spaced (a missing slice, a duplicate, a gap): ITK would
+    place every slice as if the first gap held throughout."""
+    if len(files) < 3:
+        return
+    headers = [_dicom_header(f) for f in files]
+    try:
+        orientation = np.asarray(headers[0].ImageOrientationPatient, dtype=float)
+        normal = np.cross(orientation[:3], orientation[3:])
+        positions = np.sort([float(np.dot(normal, np.asarray(h.ImagePositionPatient, dtype=float))) for h in headers])
+    except (AttributeError, TypeError, ValueError):
+        return  # no geometry in the headers: nothing to check against
+    gaps = np.diff(positions)
+    typical = float(np.median(gaps))
+    uneven = typical <= 1e-3 or float(np.max(np.abs(gaps - typical))) > max(1e-3, 0.01 * typical)
+    if not uneven:
+        return
+    message = (
+        f"the DICOM series in '{printable(path)}' is unevenly spaced: slice gaps from {float(gaps.min()):.4g} to "
+        f"{float(gaps.max()):.4g} mm (a missing or duplicate slice?)"
+    )
+    if not allow:
+        raise InputError(message + "; re-export the whole series, or pass --allow-irregular-slices to segment it anyway")
+    logger.warning("%s; segmenting it as if evenly spaced", message)
+    notes.append(message + "; segmented as if evenly spaced")
 
 
 def _check_header(path: Path, dimension: int, size: tuple[int, ...], components: int, pixel_id: int) -> None:
@@ -282,8 +379,50 @@ def _to_scan_pixel_type(image: sitk.Image, path: Path) -> sitk.Image:
             return sitk.Cast(image, sitk.sitkInt16)
         return sitk.Cast(image, sitk.sitkFloat32)
     if not np.isfinite(array).all():
-        raise InputError(f"'{path}' contains NaN or infinite voxel values; fix or re-export the scan")
+        raise _nonfinite_error(path)
     return image if pixel_id == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+
+
+def _nonfinite_error(path: Path) -> InputError:
+    return InputError(f"'{printable(path)}' contains NaN or infinite voxel values; fix or re-export the scan")
+
+
+def _nifti_has_nonfinite(path: Path) -> bool:
+    """Whether a float32/float64 NIfTI file holds NaN or infinite voxels, read from the file itself in chunks."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(544)
+        dtype, offset = _nifti_float_layout(head)
+        if dtype is None:
+            return False
+        f.seek(offset)
+        rest = b""
+        while True:
+            chunk = f.read(1 << 22)
+            if not chunk:
+                return False
+            data = rest + chunk
+            usable = len(data) - len(data) % dtype.itemsize
+            if not np.isfinite(np.frombuffer(data[:usable], dtype=dtype)).all():
+                return True
+            rest = data[usable:]
+
+
+def _nifti_float_layout(head: bytes) -> tuple[np.dtype | None, int]:
+    """(voxel dtype, data offset) of a NIfTI-1/2 header when its voxels are float32/float64, else (None, 0)."""
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            datatype = struct.unpack(endian + "h", head[70:72])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            datatype = struct.unpack(endian + "h", head[12:14])[0]
+            offset = int(struct.unpack(endian + "q", head[168:176])[0])
+            break
+    else:
+        return None, 0
+    kind = {16: "f4", 64: "f8"}.get(datatype)  # NIFTI_TYPE_FLOAT32, NIFTI_TYPE_FLOAT64
+    return (np.dtype(endian + kind), offset) if kind else (None, 0)
 
 
 def _itk_reason(error: Exception) -> str | None:
@@ -507,55 +646,54 @@ def check_writable(path: str | Path, *, is_folder: bool = False) -> None:
         ) from None
 
 
-@contextmanager
-def _atomic_output(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``dest`` (same suffix, so writers pick the same format); rename it to ``dest``
-    when the block succeeds, delete it when it fails. OS errors become InputError naming ``dest``."""
-    dest = Path(dest).expanduser()
-    suffix = next((s for s in (".seg.nrrd", *_IMAGE_SUFFIXES, ".json", ".dcm") if dest.name.lower().endswith(s)), "")
-    tmp = dest.with_name(f".{dest.name[: len(dest.name) - len(suffix)]}.{secrets.token_hex(4)}.part{suffix}")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        os.replace(tmp, dest)
-    except OSError as error:
-        _remove_quietly(tmp)
-        raise InputError(f"cannot write '{dest}': {error.strerror or error}; choose another output path") from None
-    except RuntimeError as error:  # SimpleITK writer errors
-        _remove_quietly(tmp)
-        reason = _itk_reason(error) or "the writer failed"
-        raise InputError(f"cannot write '{dest}': {reason}; choose another output path") from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        Path(path).unlink(missing_ok=True)
-    except OSError:
-        pass
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Writers
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def write_label_map(result: "SegmentationResult", path: str | Path, fmt: str | None = None) -> Path:
+def _standalone_check(result: "SegmentationResult", paths: list[Path], transaction: OutputTransaction | None) -> None:
+    """A writer called on its own (not from :func:`write_outputs`, which checks all outputs at once) refuses to write
+    over the scan the result was made from."""
+    if transaction is None:
+        plan = OutputPlan().protect(result.input_path)
+        for path in paths:
+            plan.add(path)
+
+
+def nifti_file_bytes(size: tuple[int, ...], bytes_per_voxel: int) -> int:
+    """Size of an uncompressed NIfTI-1 file of an image of ``size`` voxels as SimpleITK writes it: a 352-byte header
+    and the voxel data."""
+    return 352 + int(np.prod(size, dtype=np.int64)) * bytes_per_voxel
+
+
+def write_image(
+    image: sitk.Image, path: Path, transaction: OutputTransaction | None = None, *, compress: bool = True
+) -> Path:
+    """Write ``image`` (any format SimpleITK writes, from the suffix) safely: temporary file, fsync, read back and
+    compared voxel by voxel, atomic rename; staged in ``transaction`` when given.
+
+    SimpleITK's NIfTI writer does not report a full disk: the read-back is what catches a short file."""
+    needs = nifti_file_bytes(image.GetSize(), image.GetSizeOfPixelComponent() * image.GetNumberOfComponentsPerPixel()) if path.name.lower().endswith(".nii") else None
+    with safe_output(path, verify_image(image), transaction, needs_bytes=needs) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+    return path
+
+
+def write_label_map(
+    result: "SegmentationResult", path: str | Path, fmt: str | None = None, *, transaction: OutputTransaction | None = None
+) -> Path:
     """Write the multi-label map (0 background, value = catalog index, tumor over organ) on the input's grid.
 
     ``fmt`` is "nii" or "nrrd" (default: from the suffix). uint8 when all indices are < 256, uint16 otherwise.
+    ``transaction``: stage the file in it (put in place at its commit) instead of writing it at once.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     fmt = output_format(path, fmt)
     if fmt not in ("nii", "nrrd"):
         raise InputError(f"a label map is written as nii or nrrd, not {fmt}")
     path = with_format_suffix(path, fmt)
-    image = result.label_image()
-    with _atomic_output(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-    return path
+    _standalone_check(result, [path], transaction)
+    return write_image(result.label_image(), path, transaction)
 
 
 def _segment_layers(result: "SegmentationResult") -> tuple[np.ndarray, dict[int, int]]:
@@ -590,7 +728,7 @@ def _ijk_to_lps(geometry) -> np.ndarray:
     return matrix
 
 
-def write_seg_nrrd(result: "SegmentationResult", path: str | Path) -> Path:
+def write_seg_nrrd(result: "SegmentationResult", path: str | Path, *, transaction: OutputTransaction | None = None) -> Path:
     """Write a 3D Slicer segmentation (``.seg.nrrd``) with ``slicerio``.
 
     One segment per class: ID = file stem, name = display name, colour = catalog colour (0..1 floats), terminology =
@@ -601,9 +739,10 @@ def write_seg_nrrd(result: "SegmentationResult", path: str | Path) -> Path:
     import slicerio
     from slicerio.segmentation import terminology_entry_from_string
 
-    path = with_format_suffix(Path(path), "seg.nrrd")
+    path = with_format_suffix(Path(path).expanduser(), "seg.nrrd")
     if output_format(path) != "seg.nrrd":
-        raise InputError(f"a Slicer segmentation must be named *.seg.nrrd, not '{path.name}'")
+        raise InputError(f"a Slicer segmentation must be named *.seg.nrrd, not '{printable(path.name)}'")
+    _standalone_check(result, [path], transaction)
     layers, layer_of = _segment_layers(result)
     size = result.geometry.size
     full_extent = [0, size[0] - 1, 0, size[1] - 1, 0, size[2] - 1]
@@ -631,38 +770,63 @@ def write_seg_nrrd(result: "SegmentationResult", path: str | Path) -> Path:
         "referenceImageExtentOffset": [0, 0, 0],
         "segments": segments,
     }
-    with _atomic_output(path) as tmp:
+    with safe_output(path, _verify_seg_nrrd(voxels), transaction) as tmp:
         slicerio.write_segmentation(str(tmp), segmentation, compression_level=6)
     return path
 
 
-def write_split_masks(result: "SegmentationResult", folder: str | Path) -> list[Path]:
+def _verify_seg_nrrd(voxels: np.ndarray):
+    """Read the NRRD back (pynrrd checks the gzip stream) and compare every voxel with what was written."""
+
+    def check(tmp: Path) -> None:
+        import nrrd
+
+        try:
+            data, _header = nrrd.read(str(tmp))
+        except Exception:  # noqa: BLE001 - pynrrd/zlib raise several kinds for a short file
+            raise ValueError("the written file cannot be read back (it is incomplete)") from None
+        if data.shape != voxels.shape or not np.array_equal(data, voxels):
+            raise ValueError("the voxels read back differ from those written")
+
+    return check
+
+
+def split_mask_paths(result: "SegmentationResult", folder: str | Path) -> list[Path]:
+    """The files :func:`write_split_masks` writes: ``<folder>/<file_stem>.nii.gz`` per class of ``result``."""
+    folder = Path(folder).expanduser()
+    return [folder / f"{info.file_stem}.nii.gz" for info, _mask in result]
+
+
+def write_split_masks(
+    result: "SegmentationResult", folder: str | Path, *, transaction: OutputTransaction | None = None
+) -> list[Path]:
     """Write one binary uint8 NIfTI mask per class, ``<folder>/<file_stem>.nii.gz`` (TotalSegmentator layout), on the
-    input's grid. Overlaps are kept (a voxel can be in its organ's and its tumor's mask). If one file fails, those
-    already written by this call are removed."""
+    input's grid. Overlaps are kept (a voxel can be in its organ's and its tumor's mask). All masks are put in place
+    together, or none (the previous files are kept)."""
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
-        raise InputError(f"split-mask output '{folder}' is a file; give a folder path")
-    written: list[Path] = []
-    try:
-        for info, _mask in result:
-            path = folder / f"{info.file_stem}.nii.gz"
-            with _atomic_output(path) as tmp:
-                sitk.WriteImage(result.mask_image(info.index), str(tmp), useCompression=True)
-            written.append(path)
-    except BaseException:
-        for path in written:
-            _remove_quietly(path)
-        raise
-    return written
+        raise InputError(f"split-mask output '{printable(folder)}' is a file; give a folder path")
+    paths = split_mask_paths(result, folder)
+    _standalone_check(result, paths, transaction)
+    with OutputTransaction() if transaction is None else contextlib.nullcontext(transaction) as txn:
+        for (info, _mask), path in zip(result, paths):
+            write_image(result.mask_image(info.index), path, txn)
+    return paths
 
 
-def write_summary(result: "SegmentationResult", path: str | Path) -> Path:
-    """Write ``result.summary()`` as indented JSON."""
-    path = Path(path)
-    text = json.dumps(result.summary(), indent=2, default=_json_default)
-    with _atomic_output(path) as tmp:
-        tmp.write_text(text + "\n", encoding="utf-8")
+def write_summary(
+    result: "SegmentationResult", path: str | Path, *, transaction: OutputTransaction | None = None,
+    warnings: list[str] | None = None,
+) -> Path:
+    """Write ``result.summary()`` as indented JSON (with a ``"warnings"`` list when ``warnings`` are given)."""
+    path = Path(path).expanduser()
+    _standalone_check(result, [path], transaction)
+    summary = result.summary()
+    if warnings:
+        summary["warnings"] = list(warnings)
+    text = json.dumps(summary, indent=2, default=_json_default) + "\n"
+    with safe_output(path, verify_text(text), transaction) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -687,7 +851,10 @@ def _software_version() -> str:
         return "0.1.0"
 
 
-def write_dicom_seg(result: "SegmentationResult", path: str | Path, source_dicom_folder: str | Path | None) -> Path:
+def write_dicom_seg(
+    result: "SegmentationResult", path: str | Path, source_dicom_folder: str | Path | None, *,
+    transaction: OutputTransaction | None = None,
+) -> Path:
     """Write a DICOM Segmentation (BINARY) that references the source CT series, with ``highdicom``.
 
     One segment per class, labelled with its display name, with the catalog's SNOMED CT category/type (and laterality
@@ -702,7 +869,7 @@ def write_dicom_seg(result: "SegmentationResult", path: str | Path, source_dicom
     import pydicom
     from pydicom.sr.codedict import codes
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if source_dicom_folder is None or not is_dicom_series(source_dicom_folder):
         raise InputError(
             f"a DICOM SEG output needs a DICOM series input, and '{source_dicom_folder}' is not one; "
@@ -710,6 +877,8 @@ def write_dicom_seg(result: "SegmentationResult", path: str | Path, source_dicom
         )
     if not result.masks:
         raise InputError("nothing to write: the segmentation has no classes; request at least one class")
+    if transaction is None:
+        OutputPlan().protect(result.input_path).protect(source_dicom_folder).add(path)
     files = dicom_series_files(source_dicom_folder)
     sources = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
     slice_of = _source_slice_indices(sources, result.geometry, source_dicom_folder)
@@ -759,9 +928,26 @@ def write_dicom_seg(result: "SegmentationResult", path: str | Path, source_dicom
         # highdicom warns about the source's patient name format, which is not ours to fix.
         warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
         seg = _build_segmentation(hd, sources, pixels, descriptions, result, first, extra)
-    with _atomic_output(path) as tmp:
+    with safe_output(path, _verify_dicom(seg), transaction) as tmp:
         seg.save_as(str(tmp))
     return path
+
+
+def _verify_dicom(seg) -> Any:
+    """Read the DICOM file back and compare its instance UID and pixel data with what was written."""
+
+    def check(tmp: Path) -> None:
+        import pydicom
+
+        try:
+            back = pydicom.dcmread(str(tmp))
+            same = back.SOPInstanceUID == seg.SOPInstanceUID and back.PixelData == seg.PixelData
+        except Exception:  # noqa: BLE001 - pydicom raises many kinds for a short file
+            raise ValueError("the written file cannot be read back (it is incomplete)") from None
+        if not same:
+            raise ValueError("the DICOM file read back differs from what was written")
+
+    return check
 
 
 def _build_segmentation(hd, sources, pixels, descriptions, result, first, extra):
@@ -813,6 +999,56 @@ def _source_slice_indices(sources: list, geometry, source: Any) -> np.ndarray:
     return np.asarray(indices)
 
 
+def plan_outputs(
+    plan: OutputPlan,
+    output: str | Path,
+    *,
+    fmt: str | None = None,
+    split_masks: str | Path | None = None,
+    split_stems: list[str] | tuple[str, ...] = (),
+    summary: str | Path | None = None,
+    dicom_source: str | Path | None = None,
+    of: str | None = None,
+) -> tuple[Path, str]:
+    """Check every output of one scan before any work starts, and reserve them in ``plan`` (whose ``protect`` ed inputs
+    they must not be, and whose other outputs they must not collide with).
+
+    Args:
+        output: the main output file (its suffix, or ``fmt``, gives the format). split_masks: folder of per-class
+            masks, one ``<stem>.nii.gz`` per entry of ``split_stems``. summary: JSON summary file.
+        dicom_source: the DICOM series a DICOM SEG output refers to (required for ``dicom-seg``).
+        of: the scan these outputs belong to, named in messages (batch runs plan many scans in one ``plan``).
+
+    Returns:
+        (the main output path, with the format's suffix added when it had none; the format).
+
+    Raises:
+        InputError / OutputError: unknown format, a DICOM SEG without a DICOM input, an unwritable folder, an output
+            that is an input file, two outputs that are the same file.
+    """
+    output = Path(output).expanduser()
+    fmt = output_format(output, fmt)
+    output = with_format_suffix(output, fmt)
+    if fmt == "dicom-seg" and (dicom_source is None or not is_dicom_series(dicom_source)):
+        raise InputError(
+            "a DICOM SEG output needs a DICOM series input; choose --format nii, nrrd or seg.nrrd for this input"
+        )
+    check_writable(output)
+    if split_masks is not None:
+        check_writable(Path(split_masks), is_folder=True)
+    if summary is not None:
+        check_writable(Path(summary))
+    whose = f" of {printable(of)}" if of else ""
+    if summary is not None:
+        plan.add(summary, f"summary{whose}")
+    if split_masks is not None:
+        folder = plan.add_folder(split_masks, f"split-mask folder{whose}")
+        for stem in split_stems:
+            plan.add(folder / f"{stem}.nii.gz", f"split mask{whose}")
+    plan.add(output, f"output{whose}")
+    return output, fmt
+
+
 def write_outputs(
     result: "SegmentationResult",
     output: str | Path,
@@ -821,41 +1057,33 @@ def write_outputs(
     split_masks: str | Path | None = None,
     summary: str | Path | None = None,
     dicom_source: str | Path | None = None,
+    warnings: list[str] | None = None,
 ) -> list[Path]:
-    """Write everything asked for: the main output (``fmt`` or from the suffix), optional split masks and summary.
+    """Write everything asked for: the main output (``fmt`` or from the suffix), optional split masks and summary
+    (with ``warnings`` in it).
 
-    Each file is written atomically; the main output is written last (batch runs treat it as "done"), and if any
-    write fails the files already written by this call are removed. Returns the written paths.
+    First every output is checked (:func:`plan_outputs`): none may be the scan ``result`` was made from or a file of
+    ``dicom_source``, and no two may be the same file. Then all files are written to temporary names and verified,
+    and only then put in place together (the main output last: batch runs treat it as "done"); if anything fails,
+    nothing is replaced and the previous files are kept. Returns the written paths.
     """
-    output = Path(output).expanduser()
-    fmt = output_format(output, fmt)
-    output = with_format_suffix(output, fmt)
-    check_writable(output)
-    if split_masks is not None:
-        check_writable(Path(split_masks), is_folder=True)
-    if summary is not None:
-        check_writable(Path(summary))
-    if fmt == "dicom-seg" and (dicom_source is None or not is_dicom_series(dicom_source)):
-        raise InputError(
-            "a DICOM SEG output needs a DICOM series input; choose --format nii, nrrd or seg.nrrd for this input"
-        )
-    written: list[Path] = []
-    try:
+    plan = OutputPlan().protect(result.input_path).protect(dicom_source)
+    stems = [info.file_stem for info, _mask in result] if split_masks is not None else []
+    output, fmt = plan_outputs(
+        plan, output, fmt=fmt, split_masks=split_masks, split_stems=stems, summary=summary, dicom_source=dicom_source
+    )
+    with OutputTransaction() as txn:
         if summary is not None:
-            written.append(write_summary(result, summary))
+            write_summary(result, summary, transaction=txn, warnings=warnings)
         if split_masks is not None:
-            written.extend(write_split_masks(result, split_masks))
+            write_split_masks(result, split_masks, transaction=txn)
         if fmt == "seg.nrrd":
-            written.append(write_seg_nrrd(result, output))
+            write_seg_nrrd(result, output, transaction=txn)
         elif fmt == "dicom-seg":
-            written.append(write_dicom_seg(result, output, dicom_source))
+            write_dicom_seg(result, output, dicom_source, transaction=txn)
         else:
-            written.append(write_label_map(result, output, fmt))
-    except BaseException:
-        for path in written:
-            _remove_quietly(path)
-        raise
-    return written
+            write_label_map(result, output, fmt, transaction=txn)
+    return txn.written
 
 
 def read_seg_nrrd(path: str | Path) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -39,7 +38,8 @@ import SimpleITK as sitk
 
 from .catalog import ClassCatalog
 from .errors import InputError
-from .imageio import _atomic_output
+from .imageio import write_image
+from .output_safety import OutputTransaction, safe_output, verify_text
 from .result import ImageGeometry
 
 EXPORTED_FORMAT = "universalseg-training-dataset"
@@ -202,19 +202,11 @@ def read_dataset(folder: str | Path, catalog: ClassCatalog | None = None) -> dic
     return doc
 
 
-def _write_dataset(path: Path, doc: Mapping[str, Any]) -> None:
-    """Replace the dataset file atomically (a crash never leaves half a file)."""
-    fd, tmp = tempfile.mkstemp(prefix=".dataset-", suffix=".json", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise InputError(f"cannot write {path} ({exc.strerror or exc}); choose a writable export folder") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _write_dataset(path: Path, doc: Mapping[str, Any], transaction: OutputTransaction | None = None) -> None:
+    """Replace the dataset file atomically, verified (a crash or a full disk never leaves half a file)."""
+    text = json.dumps(doc, indent=2) + "\n"
+    with safe_output(path, verify_text(text), transaction) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def case_id_from_name(name: str) -> str:
@@ -280,10 +272,8 @@ def label_map_array(classes: Sequence[ExportedClass]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------- export
-def _write_image(image: sitk.Image, path: Path) -> Path:
-    with _atomic_output(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
-    return path
+def _write_image(image: sitk.Image, path: Path, transaction: OutputTransaction | None = None) -> Path:
+    return write_image(image, path, transaction)
 
 
 def _entry_files(entry: Mapping[str, Any], base: Path) -> set[Path]:
@@ -404,36 +394,38 @@ def export_case(
     except (TypeError, ValueError) as exc:
         raise InputError(f"the provenance of case '{case_id}' cannot be stored as JSON ({exc})") from None
 
-    # Files first, then the entry: the dataset file never lists a file that is not written yet.
-    image_path = _write_image(image, base / IMAGES_DIR / f"{case_id}.nii.gz")
-    label_path: Path | None = None
-    mask_paths: dict[str, Path] = {}
-    geometry = ImageGeometry.of(image)
-    if overlaps:
-        for c in ordered:
-            info = catalog[c.index]
-            mask_paths[info.name] = _write_image(geometry.to_image(c.mask.astype(np.uint8)),
-                                                 base / MASKS_DIR / case_id / f"{info.file_stem}.nii.gz")
-    else:
-        label_path = _write_image(geometry.to_image(label_map_array(ordered)), base / LABELS_DIR / f"{case_id}.nii.gz")
+    # Files first, then the entry: the dataset file never lists a file that is not written yet; all are put in
+    # place together (or none: a full disk keeps the previous export whole).
+    with OutputTransaction() as txn:
+        image_path = _write_image(image, base / IMAGES_DIR / f"{case_id}.nii.gz", txn)
+        label_path: Path | None = None
+        mask_paths: dict[str, Path] = {}
+        geometry = ImageGeometry.of(image)
+        if overlaps:
+            for c in ordered:
+                info = catalog[c.index]
+                mask_paths[info.name] = _write_image(geometry.to_image(c.mask.astype(np.uint8)),
+                                                     base / MASKS_DIR / case_id / f"{info.file_stem}.nii.gz", txn)
+        else:
+            label_path = _write_image(geometry.to_image(label_map_array(ordered)), base / LABELS_DIR / f"{case_id}.nii.gz", txn)
 
-    annotated = [catalog[c.index].name for c in ordered]
-    entry: dict[str, Any] = {"id": case_id, "image": image_path.relative_to(base).as_posix()}
-    if label_path is not None:
-        entry["label"] = label_path.relative_to(base).as_posix()
-    else:
-        entry["masks"] = {name: p.relative_to(base).as_posix() for name, p in mask_paths.items()}
-    entry["annotated"] = annotated
-    entry["split"] = split
-    entry["provenance"] = case_provenance
+        annotated = [catalog[c.index].name for c in ordered]
+        entry: dict[str, Any] = {"id": case_id, "image": image_path.relative_to(base).as_posix()}
+        if label_path is not None:
+            entry["label"] = label_path.relative_to(base).as_posix()
+        else:
+            entry["masks"] = {name: p.relative_to(base).as_posix() for name, p in mask_paths.items()}
+        entry["annotated"] = annotated
+        entry["split"] = split
+        entry["provenance"] = case_provenance
 
-    replaced_entries = same_scan + ([by_id[case_id]] if case_id in by_id and by_id[case_id] not in same_scan else [])
-    replaced_ids = {str(c.get("id")) for c in replaced_entries}
-    doc["cases"] = [c for c in doc["cases"] if str(c.get("id")) not in replaced_ids] + [entry]
-    if dataset_name:
-        doc["name"] = str(dataset_name)
-    doc["updated"] = now
-    _write_dataset(path, doc)
+        replaced_entries = same_scan + ([by_id[case_id]] if case_id in by_id and by_id[case_id] not in same_scan else [])
+        replaced_ids = {str(c.get("id")) for c in replaced_entries}
+        doc["cases"] = [c for c in doc["cases"] if str(c.get("id")) not in replaced_ids] + [entry]
+        if dataset_name:
+            doc["name"] = str(dataset_name)
+        doc["updated"] = now
+        _write_dataset(path, doc, txn)
 
     new_files = _entry_files(entry, base)
     removed: list[Path] = []
