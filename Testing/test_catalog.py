@@ -216,7 +216,7 @@ def test_slicer_terminology_strings(cat):
 
     liver = cat.lookup("liver")
     assert cat.slicer_terminology(liver) == (
-        "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+        "Segmentation category and type - UniversalSeg~SCT^123037004^Anatomical Structure"
         "~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^")
     for c in cat:
         s = cat.slicer_terminology(c)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "UniversalSeg"))
 import UniversalSeg as US  # noqa: E402
 
 from UniversalSegLib.catalog import ClassCatalog  # noqa: E402
-from UniversalSegLib.imageio import write_seg_nrrd, write_split_masks, write_summary  # noqa: E402
+from UniversalSegLib.imageio import write_seg_nrrd, write_summary  # noqa: E402
 from UniversalSegLib.result import CroppedMask, ImageGeometry, SegmentationResult  # noqa: E402
 from UniversalSegLib.training_export import OverlapError, read_dataset  # noqa: E402
 
@@ -79,11 +79,11 @@ def engine_result(ct_path: Path, masks: dict[int, np.ndarray], model: str = "tin
 
 
 def import_result(logic, volume, node, folder: Path, ct_path: Path, masks: dict[int, np.ndarray], model="tiny-model"):
-    """Import masks exactly as the module imports the engine's output (split masks + summary)."""
+    """Import masks exactly as the module imports the engine's output (one .seg.nrrd + summary)."""
     result = engine_result(ct_path, masks, model)
-    write_split_masks(result, folder / "masks")
+    segmentation = write_seg_nrrd(result, folder / "segmentation.seg.nrrd")
     summary = write_summary(result, folder / "summary.json")
-    return logic.importEngineOutput(volume, node, summary, folder / "masks")
+    return logic.importEngineOutput(volume, node, summary, segmentation)
 
 
 def edit_segment(segmentation_node, segment_id, volume, new_mask: np.ndarray) -> None:
@@ -480,9 +480,9 @@ def test_correction_loop_end_to_end(headless, tmp_path, capsys):
     logic = US.UniversalSegLogic(headless.scene)
     node = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "AI")
     result = Engine(model, SegmentationOptions(device="cpu", fast=True)).segment(str(ct_path), ["liver", "spleen"])
-    write_split_masks(result, tmp_path / "engine" / "masks")
+    segmentation = write_seg_nrrd(result, tmp_path / "engine" / "segmentation.seg.nrrd")
     summary = write_summary(result, tmp_path / "engine" / "summary.json")
-    imported = logic.importEngineOutput(volume, node, summary, tmp_path / "engine" / "masks")
+    imported = logic.importEngineOutput(volume, node, summary, segmentation)
     liver_id = imported.segmentIds[LIVER]
     assert logic.segmentProvenance(node, liver_id)["Model"] == "tiny-before"
     assert logic.segmentState(node, liver_id) == US.STATE_AI

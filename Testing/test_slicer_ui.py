@@ -4,7 +4,7 @@
   (``self.ui.<name>``) exists in it with a class the GUI code can use;
 * widgets bound to the parameter node (``SlicerParameterName``) name a parameter of ``UniversalSegParameterNode``
   of a type that ``slicer.parameterNodeWrapper`` can connect to that widget class;
-* the extension's CMake files, icons and catalog entry, and the engine requirements the module installs in Slicer.
+* the extension's CMake files, icons and catalog entry (the requirements it installs: test_slicer_dependencies.py).
 """
 from __future__ import annotations
 
@@ -18,10 +18,6 @@ from pathlib import Path
 
 import pytest
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "UniversalSeg" / "UniversalSeg.py"
@@ -106,15 +102,6 @@ def parameter_kinds(tree: ast.Module) -> dict[str, str]:
     return kinds
 
 
-def literal_assignment(tree: ast.Module, name: str):
-    for node in tree.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == name:
-            return ast.literal_eval(node.value)
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise AssertionError(f"{name} not found in {MODULE.name}")
-
-
 def string_property(widget: ET.Element, name: str) -> str | None:
     for prop in widget.findall("property"):
         if prop.get("name") == name:
@@ -169,8 +156,9 @@ def test_parameter_bound_widgets_match_the_parameter_node(ui_widgets, module_ast
         pair = (widget.get("class"), kinds[parameter])
         assert pair in CONNECTABLE, f"{name}: parameterNodeWrapper cannot connect a {pair[0]} to a {pair[1]} parameter"
         bound[parameter] = name
-    # everything but the class picker and the model selector (synchronised by the Widget's code) is bound
-    assert set(kinds) - set(bound) == {"classes", "model"}
+    # everything but the class picker, the model selector and the prompt (synchronised by the Widget's code) is
+    # bound; the prompt QTextEdit must not be: the wrapper's QTextEdit connector resets the cursor on each key
+    assert set(kinds) - set(bound) == {"classes", "model", "prompt"}
 
 
 def test_prompt_and_class_picker_are_usable(ui_widgets):
@@ -183,21 +171,6 @@ def test_prompt_and_class_picker_are_usable(ui_widgets):
 
 
 # ---------------------------------------------------------------------------------------------- packaging
-def test_engine_requirements_match_pyproject(module_ast):
-    """The packages the module installs into Slicer's Python are the engine's dependencies (torch aside)."""
-    requirements = literal_assignment(module_ast, "ENGINE_REQUIREMENTS")
-    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
-
-    def split(requirement: str) -> tuple[str, str]:
-        match = re.match(r"^\s*([A-Za-z0-9_.-]+)\s*(.*)$", requirement)
-        return match.group(1).lower().replace("_", "-"), match.group(2).replace(" ", "")
-
-    wanted = dict(split(r) for r in dependencies)
-    for name in ("torch", "torchvision"):  # installed by the PyTorch extension, for the computer's GPU
-        wanted.pop(name, None)
-    assert dict(split(r) for r in requirements.values()) == wanted
-
-
 def test_extension_cmake_and_metadata():
     top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"^project\(UniversalSeg\)", top, re.M)
@@ -207,7 +180,8 @@ def test_extension_cmake_and_metadata():
     for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL"):
         assert re.search(rf'set\({variable} "[^"]+"\)', top), variable
     module = (REPO / "UniversalSeg" / "CMakeLists.txt").read_text(encoding="utf-8")
-    assert "slicerMacroBuildScriptedModule(" in module and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module
+    # (that the self-test is not a ctest is checked in test_slicer_dependencies.py)
+    assert "slicerMacroBuildScriptedModule(" in module and "${MODULE_NAME}SlicerLib/*.py" in module
     entry = json.loads((REPO / "UniversalSegExtension" / "UniversalSeg.json").read_text(encoding="utf-8"))
     assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"] and entry["scm_url"]
     from PIL import Image
@@ -254,8 +228,10 @@ add_subdirectory({(REPO / "UniversalSeg").as_posix()} UniversalSeg)
     assert result.returncode == 0, result.stdout + result.stderr
     scripts = set((build / "scripts.txt").read_text().split())
     engine = REPO / "UniversalSegLib"
-    expected = {"UniversalSeg.py"} | {
+    package = REPO / "UniversalSeg" / "UniversalSegSlicerLib"
+    expected = {"UniversalSeg.py"} | {f"UniversalSegSlicerLib/{p.name}" for p in package.glob("*.py")} | {
         "UniversalSegLib/" + p.relative_to(engine).as_posix() for p in engine.rglob("*.py") if "__pycache__" not in p.parts}
+    assert {"UniversalSegSlicerLib/process.py", "UniversalSegSlicerLib/segments.py"} <= expected
     assert scripts == expected
     data = build / "lib" / "Slicer" / "qt-scripted-modules" / "UniversalSegLib" / "data"
     for name in ("classes.json", "models.json"):
