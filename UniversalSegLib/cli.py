@@ -7,18 +7,19 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import InputError, UniversalSegError
+from .errors import InputError, UniversalSegError, printable
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 OUTPUT_SUFFIXES = {"nii": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "dicom-seg": ".dcm"}
 EXIT_USER_ERROR = 2
 EXIT_BATCH_FAILURES = 1
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM exits 128 + 15 = 143
 
 
 def _add_segment_parser(sub) -> None:
@@ -65,6 +66,11 @@ def _add_segment_parser(sub) -> None:
     batch = p.add_argument_group("batch (INPUT is a folder of scans)")
     batch.add_argument("--shard", metavar="I/N", help="process only scans with index %% N == I (0-based), e.g. $SLURM_ARRAY_TASK_ID/8")
     batch.add_argument("--redo", action="store_true", help="segment scans whose output already exists again")
+    dicom = p.add_argument_group("DICOM series checks")
+    dicom.add_argument("--skip-unreadable-slices", action="store_true",
+                       help="segment a DICOM series without its unreadable files (refused by default; named in the summary's warnings)")
+    dicom.add_argument("--allow-irregular-slices", action="store_true",
+                       help="segment a DICOM series with missing slices or uneven spacing (refused by default)")
     p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                    help="progress display: a bar on stderr, JSON lines on stdout (for the Slicer module), or none")
 
@@ -89,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.add_argument("--accept-licence", "--accept-license", action="store_true", dest="accept_licence")
     demo.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
-    c = sub.add_parser("classes", help="list the class catalog")
+    c = sub.add_parser("classes", help="list the class catalog and which classes a model provides")
     c.add_argument("--json", action="store_true", help="print JSON")
+    c.add_argument("--model", help="registry name or checkpoint file (default: the bundled default model)")
     m = sub.add_parser("models", help="list the models the engine can use, what is downloaded, and licences")
     m.add_argument("--json", action="store_true", help="print JSON")
     d = sub.add_parser("download", help="download a model's weights into the cache")
@@ -222,17 +229,50 @@ def _output_paths(args, scan: Path | None, batch: bool):
     return folder / f"{name}{OUTPUT_SUFFIXES[fmt]}", split, summary, fmt
 
 
+def _plan_run(args, scans: list[Path], batch: bool, stems: Sequence[str] = ()) -> list[tuple[Path, Path | None, Path | None, str]]:
+    """Check every output of the run against every input and against each other, before any work starts.
+
+    Returns, per scan, (output, split-mask folder, summary, format) with the output's format suffix added."""
+    from .imageio import plan_outputs
+    from .output_safety import OutputPlan
+
+    plan = OutputPlan()
+    for scan in scans:
+        plan.protect(scan)
+    planned = []
+    for scan in scans:
+        output, split, summary, fmt = _output_paths(args, scan, batch)
+        output, fmt = plan_outputs(
+            plan, output, fmt=fmt, split_masks=split, split_stems=list(stems), summary=summary,
+            dicom_source=scan if fmt == "dicom-seg" else None, of=scan.name if batch else None,
+        )
+        planned.append((output, split, summary, fmt))
+    return planned
+
+
+def _requested_classes(text: str | None, catalog) -> tuple[list[int], bool]:
+    """(catalog indices named by --classes, whether it said 'all'). An empty value ("" from an unset shell variable,
+    or ",,,") names nothing, whatever its spelling."""
+    from .pipeline import select_classes
+
+    tokens = [t.strip() for t in (text or "").split(",") if t.strip()]
+    named = [t for t in tokens if t.lower() != "all"]
+    return select_classes(named, catalog) if named else [], len(named) < len(tokens)
+
+
 # ----------------------------------------------------------------------------------------------------- commands
 def cmd_segment(args) -> int:
     from .catalog import ClassCatalog
     from .checkpoints import resolve_device
-    from .imageio import check_ct_intensities, check_writable, read_image, write_outputs
-    from .pipeline import NOT_ENOUGH_MEMORY, Engine, SegmentationOptions, is_out_of_memory, resolve_prompts, select_classes
+    from .imageio import check_ct_intensities, nifti_file_bytes, read_image, write_outputs
+    from .output_safety import check_free_space, check_regular_input
+    from .pipeline import NOT_ENOUGH_MEMORY, SegmentationOptions, is_out_of_memory, resolve_prompts
 
     catalog = ClassCatalog.default()
     source = Path(args.input)
     if not source.exists():
-        raise InputError(f"input not found: {source}")
+        raise InputError(f"input not found: {printable(source)}")
+    check_regular_input(source)  # a FIFO would block the reader forever, deaf to Ctrl-C
     batch = _is_batch_input(source)
     # Check everything the user typed before loading anything heavy.
     options = SegmentationOptions(
@@ -242,38 +282,47 @@ def cmd_segment(args) -> int:
     )
     options.validate()
     resolve_device(args.device)
-    classes = select_classes(args.classes, catalog) if args.classes else []
+    classes, wants_all = _requested_classes(args.classes, catalog)
+    if args.classes is not None and not classes and not wants_all and not args.prompt:
+        raise InputError(
+            f"--classes {args.classes!r} names no class (an empty variable?); name them, e.g. --classes liver,spleen, "
+            "or pass --classes all"
+        )
+    read_options = dict(
+        frame=args.frame, skip_unreadable_slices=args.skip_unreadable_slices,
+        allow_irregular_slices=args.allow_irregular_slices,
+    )
+    notes: list[str] = []
     if batch:
         if args.format == "dicom-seg":
             raise InputError("--format dicom-seg needs a DICOM series input; in batch mode use nii, nrrd or seg.nrrd")
-        check_writable(Path(args.output), is_folder=True)
-        if args.split_masks:
-            check_writable(Path(args.split_masks), is_folder=True)
+        if args.summary:
+            raise InputError("--summary applies to a single scan; in batch mode each scan's summary is written "
+                             "beside its output (<name>.summary.json)")
         scans = find_scans(source)
         if not scans:
-            raise InputError(f"no scans found in {source} (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM sub-folders)")
+            raise InputError(f"no scans found in {printable(source)} (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM sub-folders)")
         shard = _parse_shard(args.shard)
         if shard:
             scans = [s for n, s in enumerate(scans) if n % shard[1] == shard[0]]
+        _plan_run(args, scans, batch)
     else:
         if args.shard:
             raise InputError("--shard applies to a folder of scans, but the input is a single scan")
         scans = [source]
-        output, split, summary, fmt = _output_paths(args, source, batch=False)
-        check_writable(output)
-        if split:
-            check_writable(split, is_folder=True)
-        if summary:
-            check_writable(summary)
+        (output, _split, _summary, fmt), = _plan_run(args, scans, batch)
         # Read and check the scan before loading the model, so a bad input fails at once.
-        preloaded = read_image(source, frame=args.frame)
-        check_ct_intensities(preloaded, force=args.force, name=str(source))
+        preloaded = read_image(source, notes=notes, **read_options)
+        check_ct_intensities(preloaded, force=args.force, name=printable(source))
+        if fmt == "nii" and output.name.lower().endswith(".nii"):  # uncompressed: the size is known now
+            label_bytes = 1 if len(catalog) < 256 else 2  # the label map's voxel type (see write_label_map)
+            check_free_space(output.parent, nifti_file_bytes(preloaded.GetSize(), label_bytes),
+                             f"the output '{printable(output.name)}'")
 
     engine = _load_engine(args, options)
-    if args.classes and any(t.strip().lower() == "all" for t in args.classes.split(",")):
+    if wants_all:
         # "all" means every class this model knows (the bundled model knows 23 of the 32); named ones still count.
-        named = select_classes([t for t in args.classes.split(",") if t.strip().lower() != "all"], catalog)
-        classes = sorted(set(named) | set(engine.available_classes()))
+        classes = sorted(set(classes) | set(engine.available_classes()))
     report: list = []
     extra = {}
     if args.prompt:
@@ -287,38 +336,44 @@ def cmd_segment(args) -> int:
         report = resolution.to_json()["items"]
         classes = sorted(set(classes) | set(resolution.classes))
         extra = {it.text: it.embedding for it in resolution.experimental}
-    elif not args.classes:
+    elif args.classes is None:
         classes = engine.available_classes()
     if not classes and not extra:
         raise InputError("no classes to segment")
+    # Now the split-mask names are known: check them against the inputs and the other outputs too.
+    planned = _plan_run(args, scans, batch, [catalog[i].file_stem for i in classes] if args.split_masks else ())
     names = ", ".join(catalog[i].name for i in classes) + (f" + {len(extra)} experimental" if extra else "")
-    _info(args, f"segmenting {names} with {engine.model.metadata.get('name')} on {engine.device}")
+    _info(args, printable(f"segmenting {names} with {engine.model.metadata.get('name')} on {engine.device}"))
     licence = engine.model.metadata.get("licence")
     if licence:
-        _info(args, f"model weights licence: {licence}")
+        _info(args, printable(f"model weights licence: {licence}"))
 
     failures = 0
     done = 0
-    for scan in scans:
-        output, split, summary, fmt = _output_paths(args, scan, batch)
+    for scan, (output, split, summary, fmt) in zip(scans, planned):
         if batch and not args.redo and output.exists() and summary and summary.exists():
-            _info(args, f"skip {scan.name}: {output} exists (use --redo to segment again)")
+            _info(args, printable(f"skip {scan.name}: {output} exists (use --redo to segment again)"))
             continue
-        progress = _Progress(args.progress, scan.name)
+        progress = _Progress(args.progress, printable(scan.name))
         try:
-            image = scan if batch else preloaded
+            scan_notes = notes
+            if batch:
+                scan_notes = []
+                image = read_image(scan, notes=scan_notes, **read_options) if scan.is_dir() else scan
+            else:
+                image = preloaded
             result = engine.segment(
                 image, classes, extra_embeddings=extra or None, prompt_report=report, progress=progress, input_path=scan
             )
             written = write_outputs(
                 result, output, fmt=fmt, split_masks=split, summary=summary,
-                dicom_source=scan if fmt == "dicom-seg" else None,
+                dicom_source=scan if fmt == "dicom-seg" else None, warnings=scan_notes,
             )
         except UniversalSegError as exc:
             if not batch:
                 raise
             failures += 1
-            print(f"universalseg: error: {scan.name}: {exc}", file=sys.stderr)
+            print(f"universalseg: error: {printable(scan.name)}: {printable(exc)}", file=sys.stderr)
             continue
         except (MemoryError, RuntimeError) as exc:
             if not is_out_of_memory(exc):
@@ -326,14 +381,14 @@ def cmd_segment(args) -> int:
             if not batch:
                 raise InputError(NOT_ENOUGH_MEMORY) from None
             failures += 1
-            print(f"universalseg: error: {scan.name}: {NOT_ENOUGH_MEMORY}", file=sys.stderr)
+            print(f"universalseg: error: {printable(scan.name)}: {NOT_ENOUGH_MEMORY}", file=sys.stderr)
             continue
         finally:
             progress.close()
         done += 1
         if args.progress == "json":
             print(json.dumps({"done": True, "input": str(scan), "outputs": [str(p) for p in written]}), flush=True)
-        _info(args, f"{scan.name}: wrote {', '.join(str(p) for p in written)} ({result.timings.get('total', 0):.1f} s)")
+        _info(args, printable(f"{scan.name}: wrote {', '.join(str(p) for p in written)} ({result.timings.get('total', 0):.1f} s)"))
     if batch:
         _info(args, f"batch finished: {done} segmented, {failures} failed, {len(scans) - done - failures} skipped")
     return EXIT_BATCH_FAILURES if failures else 0
@@ -345,7 +400,7 @@ SAMPLE_CT = Path(__file__).resolve().parent / "data" / "sample" / "abdomen_ct.ni
 def cmd_demo(args) -> int:
     from .imageio import check_writable, read_image, write_outputs
     from .overlay import render_overlay
-    from .pipeline import Engine, SegmentationOptions, select_classes
+    from .pipeline import SegmentationOptions, select_classes
 
     out = Path(args.output)
     check_writable(out, is_folder=True)
@@ -365,6 +420,8 @@ def cmd_demo(args) -> int:
     for entry in result.summary()["classes"]:
         if entry["voxels"]:
             _info(args, f"  {entry['name']:30s} {entry['volume_ml']:10.1f} mL")
+    for note in result.plausibility():
+        _info(args, f"  plausibility: {note}")
     _info(args, "wrote " + ", ".join(str(p) for p in written))
     _info(args, f"open {out / 'overlay.png'} to look at the result, or load {out / 'segmentation.seg.nrrd'} in 3D Slicer")
     return 0
@@ -394,10 +451,10 @@ def _info(args, message: str) -> None:
 
 def _print_resolution(resolution, note: str | None) -> None:
     print("prompt resolution:", file=sys.stderr)
-    for line in resolution.describe().splitlines():
-        print(f"  {line}", file=sys.stderr)
+    for line in resolution.describe().splitlines():  # the items echo what the user typed: escape it
+        print(f"  {printable(line)}", file=sys.stderr)
     if note:
-        print(f"  note: {note}", file=sys.stderr)
+        print(f"  note: {printable(note)}", file=sys.stderr)
 
 
 def cmd_resolve(args) -> int:
@@ -415,29 +472,45 @@ def cmd_resolve(args) -> int:
             data["note"] = note
         print(json.dumps(data, indent=2))
     else:
-        print(resolution.describe())
+        for line in resolution.describe().splitlines():  # the items echo what the user typed: escape it
+            print(printable(line))
         if note:
-            print(f"note: {note}")
+            print(f"note: {printable(note)}")
     return 0 if not resolution.rejected else EXIT_USER_ERROR
 
 
 def cmd_classes(args) -> int:
     from .catalog import ClassCatalog
 
+    from .checkpoints import checkpoint_classes
+    from .registry import DEFAULT_MODEL
+
     catalog = ClassCatalog.default()
+    known = checkpoint_classes(args.model)  # None: an official model, all catalog classes
+    names, dice = known if known is not None else (catalog.names, {})
+    provided = {n.lower() for n in names}
+    held_out = {k.lower(): v for k, v in dice.items()}
+    model_name = str(args.model or DEFAULT_MODEL)
     rows = []
     for c in catalog:
         rows.append({
             "index": c.index, "name": c.name, "file_stem": c.file_stem, "kind": c.kind, "prompt_name": c.prompt_name,
             "synonyms": list(c.synonyms), "parents": [catalog[p].name for p in c.parents], "laterality": c.laterality,
             "color": list(c.color), "terminology": catalog.slicer_terminology(c),
+            "in_model": c.name.lower() in provided or c.prompt_name.lower() in provided,
+            "held_out_dice": held_out.get(c.name.lower()),
         })
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"model": model_name, "classes": rows}, indent=2))
         return 0
-    print(f"{'#':>2}  {'name':30s} {'file stem':30s} {'kind':7s} synonyms")
+    print(f"{'#':>2}  {'name':30s} {'file stem':30s} {'kind':7s} {'model':6s} synonyms")
     for r in rows:
-        print(f"{r['index']:>2}  {r['name']:30s} {r['file_stem']:30s} {r['kind']:7s} {', '.join(r['synonyms'][:6])}")
+        mark = "-" if not r["in_model"] else (f"{r['held_out_dice']:.2f}" if r["held_out_dice"] is not None else "yes")
+        print(f"{r['index']:>2}  {r['name']:30s} {r['file_stem']:30s} {r['kind']:7s} {mark:6s} {', '.join(r['synonyms'][:6])}")
+    missing = sum(1 for r in rows if not r["in_model"])
+    note = " (numbers: its Dice on patients it never saw)" if held_out else ""
+    print(f"\nmodel {model_name} provides {len(rows) - missing} of {len(rows)} classes{note}; '-' marks classes it does not "
+          f"provide (asking for one is an error): use --model universal-unet for all {len(rows)}")
     return 0
 
 
@@ -472,28 +545,69 @@ def cmd_download(args) -> int:
 COMMANDS = {"segment": cmd_segment, "demo": cmd_demo, "resolve": cmd_resolve, "classes": cmd_classes, "models": cmd_models, "download": cmd_download}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (the Slicer module's Cancel, a scheduler's time limit) as an exception, so that the run unwinds and the
+    output transaction removes its temporary files; the exit code is 128 + the signal's number (143)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _terminate(signum, frame):
-    raise KeyboardInterrupt
+    signal.signal(signum, _exit_now)  # a second signal while unwinding ends the process at once
+    raise Terminated(signum)
+
+
+def _exit_now(signum, frame):
+    """After the command has finished (or on a repeated signal): exit at once with 128 + signum, without raising into
+    whatever runs then (atexit handlers would print a KeyboardInterrupt traceback)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe: nothing more to say
+            pass
+    os._exit(128 + signum)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with control characters from user input (file names, prompts) escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line. ``argv`` None means a real program run (from ``sys.argv``): then, once the command has
+    finished, SIGINT/SIGTERM end the process at once with 130/143; called with ``argv`` (tests, scripts), the
+    previous signal handlers are put back."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
     if os.environ.get("UNIVERSALSEG_THREADS"):
         import torch
 
         torch.set_num_threads(int(os.environ["UNIVERSALSEG_THREADS"]))
-    # Cancel from the Slicer module (or a scheduler) arrives as SIGTERM: unwind so temporary files are removed.
-    signal.signal(signal.SIGTERM, _terminate)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    if in_main_thread:
+        # Cancel from the Slicer module (or a scheduler) arrives as SIGTERM: unwind so temporary files are removed.
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except UniversalSegError as exc:
-        print(f"universalseg: error: {exc}", file=sys.stderr)
+        print(f"universalseg: error: {printable(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        code = 128 + exc.signum if isinstance(exc, Terminated) else EXIT_INTERRUPTED
         print("universalseg: interrupted; no partial output was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return code
+    finally:
+        if in_main_thread:
+            for sig, old in previous.items():
+                signal.signal(sig, _exit_now if argv is None else (old if old is not None else signal.SIG_DFL))
 
 
 if __name__ == "__main__":

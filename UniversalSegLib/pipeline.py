@@ -21,10 +21,10 @@ from .catalog import ClassCatalog, ClassInfo
 from .checkpoints import load_model, resolve_device
 from .errors import ClassNameError, InputError, UniversalSegError
 from .imageio import check_ct_intensities, read_image
-from .inferer import BACKENDS, Cancelled, SlidingWindowSegmenter, count_windows
+from .inferer import BACKENDS, ROI_SIZE, Cancelled, SlidingWindowSegmenter, count_windows
 from .networks.universal_model import UniversalModel
-from .postprocess import PostprocessOptions, dependencies, postprocess
-from .preprocessing import TARGET_SPACING_MM, Preprocessed, preprocess
+from .postprocess import PostprocessOptions, dependencies, postprocess, steps_for_model
+from .preprocessing import HU_WINDOW, TARGET_SPACING_MM, Preprocessed, preprocess
 from .result import CroppedMask, ImageGeometry, SegmentationResult
 
 ProgressCallback = Callable[[float, str], None]
@@ -68,7 +68,7 @@ class SegmentationOptions:
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     force: bool = False
     frame: int | None = None
-    spacing: tuple[float, float, float] = TARGET_SPACING_MM
+    spacing: tuple[float, float, float] | None = None  # None: the model's (see model_preprocessing)
     backend: str = "auto"  # what runs the windows: auto, torch or openvino (see inferer.resolve_backend)
 
     @property
@@ -87,6 +87,33 @@ class SegmentationOptions:
         for index, t in {0: self.threshold, **self.class_thresholds}.items():
             if not 0.0 < t < 1.0:
                 raise InputError(f"threshold must be between 0 and 1 (exclusive), got {t}" + (f" for class {index}" if index else ""))
+
+
+@dataclass(frozen=True)
+class ModelPreprocessing:
+    """The grid a model was trained on: voxel spacing (mm), HU window and sliding-window size (voxels).
+
+    Official checkpoints use the published 1.5 mm, [-175, 250] HU and 96^3 windows; a checkpoint trained by
+    ``universalseg-train`` records its own in the metadata entry ``preprocessing`` (e.g. the bundled model: 3 mm, 64^3),
+    and the engine preprocesses and inverts with those for that model only."""
+
+    spacing_mm: tuple[float, float, float] = TARGET_SPACING_MM
+    hu_window: tuple[float, float] = HU_WINDOW
+    roi_size: tuple[int, int, int] = ROI_SIZE
+
+
+def model_preprocessing(model: UniversalModel) -> ModelPreprocessing:
+    """The model's :class:`ModelPreprocessing`, from ``model.metadata["preprocessing"]`` when present."""
+    meta = (getattr(model, "metadata", None) or {}).get("preprocessing") or {}
+    try:
+        spacing = tuple(float(v) for v in meta.get("spacing_mm", TARGET_SPACING_MM))
+        window = tuple(float(v) for v in meta.get("hu_window", HU_WINDOW))
+        roi = tuple(int(v) for v in meta.get("roi_size", ROI_SIZE))
+    except (TypeError, ValueError):
+        raise InputError(f"model metadata 'preprocessing' is malformed: {meta!r}") from None
+    if len(spacing) != 3 or min(spacing) <= 0 or len(window) != 2 or window[0] >= window[1] or len(roi) != 3 or min(roi) < 16:
+        raise InputError(f"model metadata 'preprocessing' is out of range: {meta!r}")
+    return ModelPreprocessing(spacing, window, roi)  # type: ignore[arg-type]
 
 
 def select_classes(
@@ -155,6 +182,10 @@ class Engine:
             self.model = load_model(model, device=self.device, accept_licence=accept_licence, download_progress=download_progress)
         self.catalog = ClassCatalog.default()
 
+    def postprocess_options(self, options: PostprocessOptions | None = None) -> PostprocessOptions:
+        """``options`` (default: the engine's) less the steps this model cannot run (see ``steps_for_model``)."""
+        return steps_for_model(self.available_classes(), options or self.options.postprocess)
+
     def available_classes(self) -> list[int]:
         """Catalog indices of the classes this model was trained for (all 32 for the official models)."""
         names = {n.lower() for n in self.model.class_names}
@@ -214,7 +245,7 @@ class Engine:
         extra = dict(extra_embeddings or {})
         if not requested and not extra:
             raise InputError("no classes to segment; name classes (e.g. --classes liver,spleen or --classes all) or give a --prompt")
-        needed = sorted(set(requested) | dependencies(requested, opts.postprocess))
+        needed = sorted(set(requested) | dependencies(requested, self.postprocess_options()))
         rows = _model_channels(self.model, needed, self.catalog)
         embeddings = [self.model.class_embeddings[rows[i]] for i in needed]
         extra_indices = {}
@@ -225,7 +256,9 @@ class Engine:
 
         t = time.perf_counter()
         _stage(progress, "preprocess")
-        pre = preprocess(image, spacing=opts.spacing)
+        grid = model_preprocessing(self.model)
+        spacing = tuple(opts.spacing) if opts.spacing is not None else grid.spacing_mm
+        pre = preprocess(image, spacing=spacing, hu_window=grid.hu_window)
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -234,6 +267,7 @@ class Engine:
         try:
             segmenter = SlidingWindowSegmenter(
                 self.model,
+                roi_size=grid.roi_size,
                 overlap=overlap,
                 sw_batch_size=opts.sw_batch_size,
                 device=self.device,
@@ -262,7 +296,9 @@ class Engine:
             computed=needed,
             experimental=extra_indices,
             overlap=overlap,
-            windows=count_windows(pre.shape, overlap=overlap),
+            windows=count_windows(pre.shape, roi_size=grid.roi_size, overlap=overlap),
+            spacing=spacing,
+            roi_size=grid.roi_size,
             timings=timings,
             input_path=input_path,
             backend=segmenter.backend,
@@ -282,7 +318,7 @@ class Engine:
         """Post-process a prediction (in the preprocessed grid, as published) and bring the requested classes back
         to the input grid. ``prediction`` is not modified, so it can be finished with other options again."""
         opts = self.options
-        post_opts = postprocess_options or opts.postprocess
+        post_opts = self.postprocess_options(postprocess_options)
         timings = dict(prediction.timings)
         catalog_size = len(self.catalog)
         t = time.perf_counter()
@@ -327,7 +363,8 @@ class Engine:
                 "threshold": opts.threshold,
                 "class_thresholds": {str(k): v for k, v in opts.class_thresholds.items()},
                 "postprocess": asdict(post_opts),
-                "spacing_mm": list(opts.spacing),
+                "spacing_mm": list(prediction.spacing),
+                "window_size": list(prediction.roi_size),
                 "preprocessed_shape": list(prediction.preprocessed.shape),
                 "windows": prediction.windows,
                 "computed_classes": prediction.computed,
@@ -341,7 +378,8 @@ class Engine:
 
 @dataclass
 class Prediction:
-    """Thresholded masks on the preprocessed grid (bool (X, Y, Z), RAS, 1.5 mm, cropped), before post-processing."""
+    """Thresholded masks on the preprocessed grid (bool (X, Y, Z), RAS, the model's spacing, cropped), before
+    post-processing."""
 
     image_geometry: ImageGeometry
     preprocessed: Preprocessed
@@ -356,6 +394,8 @@ class Prediction:
     backend: str = "torch"  # what ran the windows: "torch" or "openvino"
     precision: str = "float32"  # of the backbone: "float32" or "bfloat16" (CPU, --fast)
     accumulation: str = "float32"  # storage of the blending band: "float16" for large class x volume products
+    spacing: tuple[float, float, float] = TARGET_SPACING_MM  # of the preprocessed grid (mm)
+    roi_size: tuple[int, int, int] = ROI_SIZE  # sliding-window size (voxels)
 
 
 def _experimental_class(index: int, text: str, catalog: ClassCatalog) -> ClassInfo:

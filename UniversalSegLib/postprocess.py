@@ -54,7 +54,7 @@ are returned as the same array objects (not copied).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Iterable, Mapping
 
 import cc3d
@@ -135,6 +135,22 @@ def dependencies(classes: Iterable[int], options: PostprocessOptions = Postproce
     if options.lungs and wanted & {RIGHT_LUNG, LEFT_LUNG}:
         need.update((RIGHT_LUNG, LEFT_LUNG))
     return need - wanted
+
+
+def steps_for_model(model_classes: Iterable[int], options: PostprocessOptions = PostprocessOptions()) -> PostprocessOptions:
+    """``options`` without the steps that need a class the model does not provide (e.g. a model offering the right
+    lung but not the left cannot run the lung split; its right lung is kept as thresholded)."""
+    have = {int(c) for c in model_classes}
+    if not options.enabled:
+        return options
+    opts = options
+    if any(tumor in have and not set(parents) <= have for tumor, parents in TUMOR_PARENTS.items()):
+        opts = replace(opts, tumors_in_parents=False)
+    if PORTAL_VEIN in have and PANCREAS not in have:
+        opts = replace(opts, portal_vein=False)
+    if (RIGHT_LUNG in have) != (LEFT_LUNG in have):
+        opts = replace(opts, lungs=False)
+    return opts
 
 
 def postprocess(

@@ -224,9 +224,11 @@ def _monotonic(values: np.ndarray) -> bool:
     return bool(np.all(d >= 0) or np.all(d <= 0))
 
 
-def preprocess(image: sitk.Image, spacing: Sequence[float] = TARGET_SPACING_MM) -> Preprocessed:
+def preprocess(
+    image: sitk.Image, spacing: Sequence[float] = TARGET_SPACING_MM, hu_window: Sequence[float] = HU_WINDOW
+) -> Preprocessed:
     """Preprocess a CT (HU) for the model. See the module docstring for the steps."""
-    transform = build_preprocessing(spacing)
+    transform = build_preprocessing(spacing, hu_window)
     with torch.no_grad():
         out = transform(sitk_to_metatensor(image))
     return Preprocessed(out, transform)

@@ -5,7 +5,10 @@ arrays; full-size arrays are made one at a time when written.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -88,6 +91,13 @@ class CroppedMask:
         return full
 
 
+@lru_cache(maxsize=1)
+def volume_ranges() -> dict[str, tuple[float, float]]:
+    """Catalog file stem -> (low, high) plausible volume in mL (see ``data/volume_ranges.json``)."""
+    doc = json.loads((Path(__file__).parent / "data" / "volume_ranges.json").read_text(encoding="utf-8"))
+    return {stem: (float(lo), float(hi)) for stem, (lo, hi) in doc["ranges_ml"].items()}
+
+
 @dataclass
 class SegmentationResult:
     """Per-class masks of one CT on its own (input) grid, plus what produced them.
@@ -145,8 +155,31 @@ class SegmentationResult:
     def label_image(self) -> sitk.Image:
         return self.geometry.to_image(self.label_array())
 
+    def plausibility(self) -> list[str]:
+        """One line per class whose volume lies outside its plausible adult range (``data/volume_ranges.json``).
+
+        Too large is always reported; too small only when the mask does not touch the scan's first or last slice
+        (an organ cut by the scan's edge is legitimately small)."""
+        ranges = volume_ranges()
+        notes = []
+        voxel_ml = self.geometry.voxel_volume_ml
+        depth = self.geometry.array_shape[0]
+        for info, mask in self:
+            bounds = ranges.get(info.file_stem)
+            if bounds is None or not mask.voxel_count:
+                continue
+            volume = mask.voxel_count * voxel_ml
+            lo, hi = bounds
+            whole = mask.start[0] > 0 and mask.start[0] + mask.array.shape[0] < depth
+            if volume > hi:
+                notes.append(f"{info.name}: {volume:.1f} mL is more than the {hi:g} mL plausible for it; check the segment")
+            elif whole and volume < lo:
+                notes.append(f"{info.name}: {volume:.1f} mL is less than the {lo:g} mL plausible for it; check the segment")
+        return notes
+
     def summary(self) -> dict[str, Any]:
-        """JSON-ready summary: per-class voxel count and volume (mL), model, device, settings, timings."""
+        """JSON-ready summary: per-class voxel count and volume (mL), plausibility notes, model, device, settings,
+        timings."""
         voxel_ml = self.geometry.voxel_volume_ml
         classes = []
         for info, mask in self:
@@ -176,5 +209,6 @@ class SegmentationResult:
             "settings": self.settings,
             "prompts": self.prompt_report,
             "classes": classes,
+            "plausibility": self.plausibility(),
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }

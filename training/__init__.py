@@ -3,7 +3,7 @@
 Command line: ``universalseg-train check | fit | evaluate | export`` (:mod:`training.cli`). From Python::
 
     from training import load_config, fit
-    result = fit(load_config("training/configs/universalseg_tiny.yaml"))
+    result = fit(load_config("training/configs/tiny_holdout_abdomen.yaml"))
 """
 from __future__ import annotations
 

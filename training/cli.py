@@ -1,7 +1,7 @@
 """``universalseg-train``: check a training config, fit a model, evaluate models, export checkpoints.
 
-    universalseg-train check training/configs/universalseg_tiny.yaml
-    universalseg-train fit training/configs/universalseg_tiny.yaml [--resume] [--set training.max_steps=100]
+    universalseg-train check training/configs/tiny_holdout_abdomen.yaml
+    universalseg-train fit training/configs/tiny_holdout_abdomen.yaml [--resume] [--set training.max_steps=100]
     torchrun --nproc_per_node 2 -m training.cli fit CONFIG          # data-parallel (GPUs: NCCL, CPUs: Gloo)
     universalseg-train evaluate --model runs/tiny/model.safetensors --model universalseg-tiny CONFIG --split val
     universalseg-train export runs/tiny -o my-model.safetensors [--which best]
@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headers-only", action="store_true", help="only check files and headers (do not read label values)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
 
+    p = sub.add_parser("diagnose", help="what the training crops show: organ extent vs crop, share of crops holding each class (JSON)")
+    _config_args(p)
+    p.add_argument("--samples", type=int, default=64, help="training crops to draw (default 64)")
+
     p = sub.add_parser("fit", help="train or fine-tune a model (torchrun for several GPUs/nodes)")
     _config_args(p)
     p.add_argument("--output", help="run folder (default: the config's 'output')")
@@ -76,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name recorded in the metadata")
     p.add_argument("--licence", "--license", dest="licence", help="licence of the weights recorded in the metadata")
     p.add_argument("--description", help="description recorded in the metadata")
+    p.add_argument("--held-out", metavar="EVALUATION_JSON",
+                   help="evaluation.json of 'evaluate' on patients the model never saw: keep only classes whose Dice there reaches --floor")
+    p.add_argument("--floor", type=float, default=0.6, help="held-out Dice a class needs to be offered (default 0.6)")
     return parser
 
 
@@ -176,16 +183,29 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    from .diagnose import diagnose
+
+    print(json.dumps(diagnose(_load(args), samples=args.samples), indent=2))
+    return 0
+
+
 def cmd_export(args) -> int:
-    from .export import export_model
+    from .export import OfferedClasses, export_model
 
     extra = {k: v for k, v in (("name", args.name), ("licence", args.licence), ("description", args.description)) if v}
-    path = export_model(args.source, args.output, which=args.which, extra=extra)
+    offered = OfferedClasses.from_evaluation(args.held_out, args.floor) if args.held_out else None
+    path = export_model(args.source, args.output, which=args.which, extra=extra, offered=offered)
+    if offered is not None:
+        dropped = sorted(set(offered.dice) - set(offered.classes))
+        print(f"offers {len(offered.classes)} classes with held-out Dice >= {offered.floor}: {', '.join(offered.classes)}")
+        if dropped:
+            print(f"dropped (held-out Dice below {offered.floor}, or a class its post-processing needs is dropped): {', '.join(dropped)}")
     print(f"exported {path}")
     return 0
 
 
-COMMANDS = {"check": cmd_check, "fit": cmd_fit, "evaluate": cmd_evaluate, "export": cmd_export}
+COMMANDS = {"check": cmd_check, "diagnose": cmd_diagnose, "fit": cmd_fit, "evaluate": cmd_evaluate, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Training configuration: one YAML or JSON file describes the model, the datasets and the run.
 
 Relative paths in the file are resolved against the file's folder. Every section has defaults, so a minimal config is
-just ``datasets``. Example (see ``training/configs/universalseg_tiny.yaml`` for a complete one)::
+just ``datasets``. Example (see ``training/configs/tiny_holdout_abdomen.yaml`` for a complete one)::
 
     name: my-run
     model: {architecture: unet, width: 8, init: scratch}
@@ -93,6 +93,10 @@ class AugmentationSection:
     flip_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
     rotate_prob: float = 0.2
     rotate_degrees: float = 15.0
+    scale_prob: float = 0.0
+    scale_range: float = 0.15
+    contrast_prob: float = 0.0
+    contrast_gamma: tuple[float, float] = (0.5, 2.0)
     intensity_shift: float = 0.1
     intensity_shift_prob: float = 0.5
     intensity_scale: float = 0.1
@@ -287,6 +291,10 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path = ".", source_path
     aug = _section(AugmentationSection, "augmentation", raw.get("augmentation"))
     if any(a not in (0, 1, 2) for a in aug.flip_axes):
         raise InputError(f"config: augmentation.flip_axes must list axes 0, 1, 2; got {aug.flip_axes}")
+    if len(aug.contrast_gamma) != 2 or not 0 < float(aug.contrast_gamma[0]) <= float(aug.contrast_gamma[1]):
+        raise InputError(f"config: augmentation.contrast_gamma must be [low, high] with 0 < low <= high, got {aug.contrast_gamma}")
+    if not 0 <= aug.scale_range < 1:
+        raise InputError(f"config: augmentation.scale_range must be in [0, 1), got {aug.scale_range}")
     if aug.num_samples < 1 or aug.pos < 0 or aug.neg < 0 or aug.pos + aug.neg <= 0:
         raise InputError("config: augmentation needs num_samples >= 1 and pos, neg >= 0 with pos + neg > 0")
     tr = _section(TrainingSection, "training", raw.get("training"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,23 +17,9 @@ import torch
 
 from UniversalSegLib.catalog import ClassCatalog
 from UniversalSegLib.errors import InputError
-from UniversalSegLib.postprocess import PostprocessOptions, dependencies
+from UniversalSegLib.postprocess import PostprocessOptions, steps_for_model
 
 from .datasets import CaseSpec, class_masks, read_case_labels
-
-
-def _postprocess_for(model_classes: set[int], options: PostprocessOptions) -> PostprocessOptions:
-    """Switch off the post-processing steps that need classes the model does not have."""
-    opts = options
-    if not opts.enabled:
-        return opts
-    if any(dependencies([c], opts) - model_classes for c in (26, 27) if c in model_classes):
-        opts = replace(opts, tumors_in_parents=False)
-    if 10 in model_classes and 11 not in model_classes:
-        opts = replace(opts, portal_vein=False)
-    if (16 in model_classes) != (17 in model_classes):
-        opts = replace(opts, lungs=False)
-    return opts
 
 
 def score_masks(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float], tolerance_mm: float) -> dict[str, Any]:
@@ -89,7 +74,7 @@ def evaluate_models(
         model = load_model(model_ref, device="cpu", accept_licence=accept_licence)
         known = {catalog.find(n).index for n in model.class_names if catalog.find(n) is not None}
         options = SegmentationOptions(device=device, fast=fast, overlap=overlap,
-                                      postprocess=_postprocess_for(known, PostprocessOptions() if postprocess else PostprocessOptions.none()))
+                                      postprocess=steps_for_model(known, PostprocessOptions() if postprocess else PostprocessOptions.none()))
         engine = Engine(model, options)
         per_case[model_ref] = {}
         for case in cases:

@@ -10,6 +10,7 @@ import json
 import platform
 import shlex
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -100,6 +101,12 @@ def build_metadata(
             "torch": torch.__version__,
             "python": platform.python_version(),
         },
+        # The grid the engine must preprocess with for this model (UniversalSegLib.pipeline.model_preprocessing).
+        "preprocessing": {
+            "spacing_mm": [float(v) for v in config.spacing],
+            "hu_window": [float(v) for v in config.hu_window],
+            "roi_size": [int(v) for v in config.validation.roi_size],
+        },
         "training_data": data_provenance(config, cases) if cases else [],
         "class_embeddings": {
             "sources": dict(embedding_sources or {}),
@@ -159,9 +166,11 @@ def model_from_state(state: Mapping[str, Any]) -> UniversalModel:
     return model
 
 
-def export_model(source: str | Path, output: str | Path, *, which: str = "last", extra: Mapping[str, Any] | None = None) -> Path:
+def export_model(source: str | Path, output: str | Path, *, which: str = "last", extra: Mapping[str, Any] | None = None,
+                 offered: "OfferedClasses | None" = None) -> Path:
     """Write a project checkpoint from a run folder (``which``: ``last`` state or ``best`` validated weights) or a
-    training-state file. ``extra`` metadata (e.g. name, licence) overrides the recorded one."""
+    training-state file. ``extra`` metadata (e.g. name, licence) overrides the recorded one. ``offered``: keep only the
+    classes that passed the held-out Dice floor (recorded in the metadata entry ``held_out``)."""
     from UniversalSegLib.checkpoints import load_project_checkpoint
 
     source = Path(source)
@@ -186,5 +195,71 @@ def export_model(source: str | Path, output: str | Path, *, which: str = "last",
                 model = model_from_state(read_state(state_path))
     else:
         model = model_from_state(read_state(source))
+    if offered is not None:
+        model = keep_classes(model, offered.classes)
+        model.metadata["held_out"] = offered.metadata()
     output.parent.mkdir(parents=True, exist_ok=True)
     return save_checkpoint(model, output, dict(extra or {}))
+
+
+@dataclass
+class OfferedClasses:
+    """Which classes a shipped checkpoint offers: those whose held-out Dice (``universalseg-train evaluate`` on
+    patients the model never saw) reaches ``floor``. ``dice``: class name -> held-out Dice; ``cases``: the held-out
+    case names; ``classes``: the kept class names (a class the evaluation did not score is dropped)."""
+
+    floor: float
+    dice: dict[str, float]
+    cases: list[str]
+    evaluation: str
+
+    @property
+    def classes(self) -> list[str]:
+        """Classes at or above the floor, less those whose published post-processing needs a class that is not kept
+        (a right lung scored with the lung split, which needs the left lung, is not offered without it)."""
+        from UniversalSegLib.postprocess import dependencies
+
+        catalog = ClassCatalog.default()
+        kept = {name: catalog.lookup(name).index for name, d in self.dice.items() if d >= self.floor}
+        have = set(kept.values())
+        return [name for name, index in kept.items() if dependencies([index]) <= have]
+
+    def metadata(self) -> dict[str, Any]:
+        return {"floor": self.floor, "evaluation": self.evaluation, "cases": self.cases,
+                "dice": {k: round(v, 4) for k, v in self.dice.items()}, "offered": self.classes}
+
+    @classmethod
+    def from_evaluation(cls, path: str | Path, floor: float, model_key: str | None = None) -> "OfferedClasses":
+        """Read an ``evaluation.json`` written by ``universalseg-train evaluate`` (its first model unless
+        ``model_key`` names one)."""
+        path = Path(path)
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+            key = model_key or report["models"][0]
+            summary = report["summary"][key]
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            raise InputError(f"{path} is not an evaluation.json of 'universalseg-train evaluate'") from None
+        if not 0 < floor < 1:
+            raise InputError(f"the Dice floor must be between 0 and 1, got {floor}")
+        dice = {name: float(s["dice"]) for name, s in summary.items() if s.get("dice") is not None}
+        return cls(floor=floor, dice=dice, cases=list(report.get("cases", [])), evaluation=path.name)
+
+
+def keep_classes(model: UniversalModel, names: Sequence[str]) -> UniversalModel:
+    """The same network offering only ``names`` (its other class-embedding rows removed). The backbone and the
+    controller are shared by all classes, so each kept class's output is unchanged."""
+    position = {n: i for i, n in enumerate(model.class_names)}
+    missing = [n for n in names if n not in position]
+    if missing:
+        raise InputError(f"the model has no class {', '.join(missing)}; it has: {', '.join(model.class_names)}")
+    if not names:
+        raise InputError("no class reaches the Dice floor; the checkpoint would offer nothing (lower --floor or train longer)")
+    rows = [position[n] for n in names]
+    kept = UniversalModel(model.config, num_classes=len(rows))
+    state = {k: v for k, v in model.state_dict().items() if k != "organ_embedding"}
+    kept.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        kept.organ_embedding.copy_(model.organ_embedding[rows])
+    kept.class_names = [model.class_names[i] for i in rows]
+    kept.metadata = dict(model.metadata)
+    return kept

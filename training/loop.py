@@ -291,7 +291,10 @@ class _StopFlag:
 
 
 def _amp(device: torch.device, mode: str):
-    """(autocast context factory, GradScaler or None)."""
+    """(autocast context factory, GradScaler or None). On the CPU only an explicit ``bf16`` autocasts: CPUs with native
+    bfloat16 units (AMX, AVX512-BF16) train about 2x faster with it; ``auto`` keeps float32 there."""
+    if device.type == "cpu" and mode == "bf16":
+        return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)), None
     if device.type != "cuda" or mode == "off":
         return (lambda: nullcontext()), None
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16

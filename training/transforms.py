@@ -8,7 +8,7 @@ indices for balanced cropping. These are the dictionary versions of the transfor
 
 Random part (:func:`augmentation_transforms`): ``num_samples`` crops centred on labelled / unlabelled body voxels
 (``RandCropByPosNegLabeld``) -> encoded labels to one channel per model class (:class:`ClassTargetsd`) -> flips that
-keep laterality right (:class:`RandFlipLateralityd`) -> small rotations -> intensity scale/shift.
+keep laterality right (:class:`RandFlipLateralityd`) -> small rotations -> zoom -> gamma contrast -> intensity scale/shift.
 
 Sample layout after augmentation: ``image`` (1, X, Y, Z) float32 in about [0, 1], RAS axes; ``label`` (K, X, Y, Z)
 uint8, one channel per model class; ``annotated`` (K,) bool, which of those channels this case annotates.
@@ -32,7 +32,9 @@ from monai.transforms import (
     Orientationd,
     RandCropByPosNegLabeld,
     Randomizable,
+    RandAdjustContrastd,
     RandRotated,
+    RandZoomd,
     RandScaleIntensityd,
     RandShiftIntensityd,
     ScaleIntensityRanged,
@@ -219,6 +221,16 @@ def augmentation_transforms(config, model_classes: Sequence[int], catalog: Class
                         mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True),
             CastToTyped(keys="label", dtype=torch.uint8),
         ]
+    if aug.scale_prob > 0 and aug.scale_range > 0:
+        steps += [
+            CastToTyped(keys="label", dtype=torch.float32),
+            RandZoomd(keys=["image", "label"], prob=aug.scale_prob, min_zoom=1.0 - aug.scale_range,
+                      max_zoom=1.0 + aug.scale_range, mode=("trilinear", "nearest"), padding_mode="constant", keep_size=True),
+            CastToTyped(keys="label", dtype=torch.uint8),
+        ]
+    if aug.contrast_prob > 0:
+        steps.append(RandAdjustContrastd(keys="image", prob=aug.contrast_prob,
+                                         gamma=tuple(float(g) for g in aug.contrast_gamma)))
     if aug.intensity_scale_prob > 0 and aug.intensity_scale > 0:
         steps.append(RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.intensity_scale_prob))
     if aug.intensity_shift_prob > 0 and aug.intensity_shift > 0:

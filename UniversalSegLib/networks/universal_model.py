@@ -121,16 +121,21 @@ class UniversalModel(nn.Module):
         return torch.stack(per_class, dim=1)
 
     @staticmethod
+    def head_layers(x: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One class's dynamic head: flattened head input (B, 8, N) and that class's params (B, 153) -> (hidden 1
+        (B, 8, N), hidden 2 (B, 8, N), logits (B, 1, N))."""
+        b, c = x.shape[:2]
+        w1, w2, w3, b1, b2, b3 = torch.split(params, HEAD_PARAM_SPLITS, dim=1)
+        h1 = F.relu(torch.baddbmm(b1[:, :, None], w1.reshape(b, c, c), x))
+        h2 = F.relu(torch.baddbmm(b2[:, :, None], w2.reshape(b, c, c), h1))
+        return h1, h2, torch.baddbmm(b3[:, :, None], w3.reshape(b, 1, c), h2)
+
+    @staticmethod
     def apply_heads(head_input: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Run the dynamic heads: head input (B, 8, D, H, W) and params (B, K, 153) -> logits (B, K, D, H, W)."""
         b, c, *spatial = head_input.shape
         x = head_input.reshape(b, c, -1)
-        w1, w2, w3, b1, b2, b3 = torch.split(params, HEAD_PARAM_SPLITS, dim=2)
-        out = []
-        for k in range(params.shape[1]):
-            h = F.relu(torch.baddbmm(b1[:, k, :, None], w1[:, k].reshape(b, c, c), x))
-            h = F.relu(torch.baddbmm(b2[:, k, :, None], w2[:, k].reshape(b, c, c), h))
-            out.append(torch.baddbmm(b3[:, k, :, None], w3[:, k].reshape(b, 1, c), h))
+        out = [UniversalModel.head_layers(x, params[:, k])[2] for k in range(params.shape[1])]
         return torch.cat(out, dim=1).reshape(b, params.shape[1], *spatial)
 
     def forward(self, image: torch.Tensor, class_embeddings: torch.Tensor | None = None) -> torch.Tensor:
