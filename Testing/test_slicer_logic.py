@@ -566,6 +566,8 @@ def test_end_to_end_with_the_real_command_line(headless, ct_crop, tiny_model):
     assert task.state == US.SegmentationTask.CANCELLED
     with pytest.raises(US.EngineError, match="cancelled"):
         task.wait()
-    assert task.process.process.returncode != 0
+    # The engine process is gone: killed, or (on a fast machine, one tiny window) it had just finished; either way
+    # the cancelled run imports nothing and leaves no files.
+    assert task.process.process.returncode is not None
     assert not task.workDir.exists()
     assert {sid: logic.segmentFingerprint(node, sid) for sid in US._segmentIds(node.GetSegmentation())} == before
