@@ -69,15 +69,18 @@ def torch_stubs(deps, folder: Path) -> list[str]:
         info = f"{name}-{full}.dist-info"
         with zipfile.ZipFile(folder / f"{name}-{full}-py3-none-any.whl", "w") as whl:
             whl.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {full}\n")
-            whl.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: universalseg-ci\nRoot-Is-Purelib: true\n"
-                                          "Tag: py3-none-any\n")
+            whl.writestr(
+                f"{info}/WHEEL",
+                "Wheel-Version: 1.0\nGenerator: universalseg-ci\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+            )
             whl.writestr(f"{info}/RECORD", "")
         pins.append(f"{name}=={full}")
     return pins
 
 
-def resolve(pip: list[str], deps, release, platform: str, tags: list[str], work: Path,
-            stubs: list[str]) -> tuple[bool, str]:
+def resolve(
+    pip: list[str], deps, release, platform: str, tags: list[str], work: Path, stubs: list[str]
+) -> tuple[bool, str]:
     """Resolve one set; returns (ok, one-line summary)."""
     folder = work / f"{release.name}-{platform}"
     folder.mkdir()
@@ -86,22 +89,47 @@ def resolve(pip: list[str], deps, release, platform: str, tags: list[str], work:
     pins += stubs
     constraints.write_text("\n".join(pins) + "\n", encoding="utf-8")
     py = release.python.split(".")
-    command = [*pip, "install", "--dry-run", "--ignore-installed", "--quiet", "--target", str(folder / "target"),
-               "--report", str(folder / "report.json"), "--only-binary=:all:", "--python-version", "".join(py[:2]),
-               "--find-links", str(work / "stubs"), "--implementation", "cp", "--abi", f"cp{''.join(py[:2])}", "--abi", "abi3", "--abi", "none"]
+    command = [
+        *pip,
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--target",
+        str(folder / "target"),
+        "--report",
+        str(folder / "report.json"),
+        "--only-binary=:all:",
+        "--python-version",
+        "".join(py[:2]),
+        "--find-links",
+        str(work / "stubs"),
+        "--implementation",
+        "cp",
+        "--abi",
+        f"cp{''.join(py[:2])}",
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+    ]
     for tag in tags:
         command += ["--platform", tag]
     command += ["-c", str(constraints), *deps.SLICER_REQUIREMENTS]
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode != 0:
         reason = [line for line in run.stderr.splitlines() if line.startswith("ERROR") or "conflict" in line]
-        return False, (f"Slicer {release.name} / {platform}: the requirement set does not resolve: "
-                       + (" | ".join(reason[:3]) or run.stderr.strip()[-300:]))
+        return False, (
+            f"Slicer {release.name} / {platform}: the requirement set does not resolve: "
+            + (" | ".join(reason[:3]) or run.stderr.strip()[-300:])
+        )
     report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
     chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in report["install"]}
-    return True, (f"Slicer {release.name} / {platform}: resolves, {len(chosen)} distributions "
-                  f"(monai {chosen.get('monai')}, torch {chosen.get('torch')}, numpy {chosen.get('numpy')}, "
-                  f"openvino {chosen.get('openvino')})")
+    return True, (
+        f"Slicer {release.name} / {platform}: resolves, {len(chosen)} distributions "
+        f"(monai {chosen.get('monai')}, torch {chosen.get('torch')}, numpy {chosen.get('numpy')}, "
+        f"openvino {chosen.get('openvino')})"
+    )
 
 
 def main() -> int:
@@ -114,19 +142,25 @@ def main() -> int:
         pip = [python, "-m", "pip", "--disable-pip-version-check"]
         upgrade = subprocess.run([*pip, "install", "--quiet", "pip>=24.1"], capture_output=True, text=True)
         if upgrade.returncode != 0:
-            print(f"check_slicer_requirements: could not install pip>=24.1 for the check: "
-                  f"{upgrade.stderr.strip()[-300:]}", file=sys.stderr)
+            print(
+                f"check_slicer_requirements: could not install pip>=24.1 for the check: "
+                f"{upgrade.stderr.strip()[-300:]}",
+                file=sys.stderr,
+            )
             return 1
         stubs = torch_stubs(deps, work / "stubs")
-        jobs = [(release, name, tags) for release in deps.SUPPORTED_RELEASES
-                for name, tags in platforms(release).items()]
+        jobs = [
+            (release, name, tags) for release in deps.SUPPORTED_RELEASES for name, tags in platforms(release).items()
+        ]
         with ThreadPoolExecutor(max_workers=3) as pool:  # network-bound; keeps the 2 CPU cores usable
             results = list(pool.map(lambda job: resolve(pip, deps, job[0], job[1], job[2], work, stubs), jobs))
     for ok, line in results:
         print(line, file=sys.stdout if ok else sys.stderr)
     failed = [line for ok, line in results if not ok]
-    print(f"check_slicer_requirements: {len(results) - len(failed)}/{len(results)} sets resolve "
-          f"({time.monotonic() - start:.0f} s)")
+    print(
+        f"check_slicer_requirements: {len(results) - len(failed)}/{len(results)} sets resolve "
+        f"({time.monotonic() - start:.0f} s)"
+    )
     return 1 if failed else 0
 
 

@@ -1,5 +1,6 @@
 """Issue #15 case 4: every kind of malformed checkpoint gets one line saying what is wrong with the file, never a
 traceback, and random bytes are not blamed on pickle code execution."""
+
 from __future__ import annotations
 
 import json
@@ -95,13 +96,36 @@ def test_malformed_checkpoint_gets_one_clear_error(kind, tmp_path):
     assert "pickle code execution" not in message
 
 
-@pytest.mark.parametrize("kind", ["empty", "tiny", "random", "pickle_named_safetensors", "metadata_list",
-                                  "architecture_mismatch", "nan", "format_version"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "empty",
+        "tiny",
+        "random",
+        "pickle_named_safetensors",
+        "metadata_list",
+        "architecture_mismatch",
+        "nan",
+        "format_version",
+    ],
+)
 def test_cli_malformed_checkpoint_exit_2_one_line(kind, tmp_path, capsys):
     path = _make(kind, tmp_path)
     slab = shared_path("data", "ct", "totalseg_abdomen", "ct_upper_slab.nii.gz")
-    code = main(["segment", str(slab), "-o", str(tmp_path / "o.nii.gz"), "--model", str(path), "--classes", "liver",
-                 "--progress", "none"])
+    code = main(
+        [
+            "segment",
+            str(slab),
+            "-o",
+            str(tmp_path / "o.nii.gz"),
+            "--model",
+            str(path),
+            "--classes",
+            "liver",
+            "--progress",
+            "none",
+        ]
+    )
     _out, err = capsys.readouterr()
     lines = [line for line in err.strip().splitlines() if line]
     assert code == 2 and len(lines) == 1 and EXPECTED[kind] in lines[0], err

@@ -5,6 +5,7 @@ Logic tests run against the real MRML library (PyPI ``slicer-core``) with scenes
 (:func:`UniversalSeg.createHeadlessScene`) and real CT crops from ``../shared``; edits are made through the MRML API,
 as the Segment Editor's effects make them. The exported folder is read back with the training package's own reader.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,22 +17,21 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, shared_path
+from conftest import REPO, require_slicer_core, shared_path
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) provides the MRML library")
-if not hasattr(slicer, "vtkMRMLSegmentationNode"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+slicer = require_slicer_core()  # skips without slicer-core; fails in CI
 
 sys.path.insert(0, str(REPO / "UniversalSeg"))
 import UniversalSeg as US  # noqa: E402
-
 from UniversalSegLib.catalog import ClassCatalog  # noqa: E402
 from UniversalSegLib.imageio import write_seg_nrrd, write_summary  # noqa: E402
 from UniversalSegLib.result import CroppedMask, ImageGeometry, SegmentationResult  # noqa: E402
 from UniversalSegLib.training_export import OverlapError, read_dataset  # noqa: E402
 
 CATALOG = ClassCatalog.default()
-SPLEEN, LIVER, STOMACH, AORTA, LIVER_TUMOR = (CATALOG.lookup(n).index for n in ("spleen", "liver", "stomach", "aorta", "liver tumor"))
+SPLEEN, LIVER, STOMACH, AORTA, LIVER_TUMOR = (
+    CATALOG.lookup(n).index for n in ("spleen", "liver", "stomach", "aorta", "liver tumor")
+)
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
@@ -73,9 +73,15 @@ def box(shape, z=slice(None), y=slice(None), x=slice(None)) -> np.ndarray:
 
 def engine_result(ct_path: Path, masks: dict[int, np.ndarray], model: str = "tiny-model") -> SegmentationResult:
     geometry = ImageGeometry.of(sitk.ReadImage(str(ct_path)))
-    return SegmentationResult(geometry=geometry, masks={i: CroppedMask.from_full(m) for i, m in masks.items()},
-                              catalog=CATALOG, model_name=model, model_licence="Apache-2.0", device="cpu",
-                              settings={"threshold": 0.5, "overlap": 0.0, "fast": True})
+    return SegmentationResult(
+        geometry=geometry,
+        masks={i: CroppedMask.from_full(m) for i, m in masks.items()},
+        catalog=CATALOG,
+        model_name=model,
+        model_licence="Apache-2.0",
+        device="cpu",
+        settings={"threshold": 0.5, "overlap": 0.0, "fast": True},
+    )
 
 
 def import_result(logic, volume, node, folder: Path, ct_path: Path, masks: dict[int, np.ndarray], model="tiny-model"):
@@ -90,7 +96,8 @@ def edit_segment(segmentation_node, segment_id, volume, new_mask: np.ndarray) ->
     """Replace a segment's voxels through the MRML API, as the Segment Editor's effects do."""
     labelmap = US._orientedImageFromMask(new_mask, US._ijkToRas(volume))
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        labelmap, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+        labelmap, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+    )
 
 
 def tag(segment, name):
@@ -129,8 +136,10 @@ def expected_label_map(shape, masks: dict[int, np.ndarray]) -> np.ndarray:
 def test_segments_carry_provenance_and_an_mrml_edit_flips_the_state(headless, ct_a, tmp_path):
     volume = load_volume(headless, ct_a)
     shape = volume.GetImageData().GetDimensions()[::-1]
-    masks = {LIVER: box(shape, slice(2, 20), slice(5, 30), slice(3, 25)),
-             SPLEEN: box(shape, slice(8, 16), slice(10, 20), slice(30, 45))}
+    masks = {
+        LIVER: box(shape, slice(2, 20), slice(5, 30), slice(3, 25)),
+        SPLEEN: box(shape, slice(8, 16), slice(10, 20), slice(30, 45)),
+    }
     logic = US.UniversalSegLogic(headless.scene)
     node = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     report = import_result(logic, volume, node, tmp_path, ct_a, masks, model="my-model")
@@ -161,8 +170,16 @@ def test_segments_carry_provenance_and_an_mrml_edit_flips_the_state(headless, ct
     segmentation.AddEmptySegment("own_stomach", "Stomach", [0.5, 0.5, 0.5])
     segmentation.AddEmptySegment("notes", "My notes", [0.1, 0.2, 0.3])
     rows = {r.segmentId: r for r in logic.segmentReview(node)}
-    assert (rows[liver_id].annotated, rows[liver_id].confirmation, rows[liver_id].stateText) == (True, "edited", "Edited")
-    assert (rows[spleen_id].annotated, rows[spleen_id].confirmation, rows[spleen_id].stateText) == (True, "reviewed", "Reviewed")
+    assert (rows[liver_id].annotated, rows[liver_id].confirmation, rows[liver_id].stateText) == (
+        True,
+        "edited",
+        "Edited",
+    )
+    assert (rows[spleen_id].annotated, rows[spleen_id].confirmation, rows[spleen_id].stateText) == (
+        True,
+        "reviewed",
+        "Reviewed",
+    )
     assert not rows["own_stomach"].annotated and "mark it reviewed" in rows["own_stomach"].reason
     assert rows["own_stomach"].className == "Stomach" and rows["own_stomach"].state == US.STATE_MANUAL
     assert not rows["notes"].annotated and rows["notes"].classIndex is None and "not a class" in rows["notes"].reason
@@ -198,8 +215,11 @@ def test_export_writes_ct_label_map_of_confirmed_classes_and_the_entry(headless,
     expected = expected_label_map(edited_liver.shape, {LIVER: edited_liver, SPLEEN: ai[SPLEEN]})
     np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), expected)
     assert set(np.unique(sitk.GetArrayFromImage(labels))) == {0, SPLEEN, LIVER}
-    assert (labels.GetOrigin(), labels.GetSpacing(), labels.GetDirection()) == \
-        (written.GetOrigin(), written.GetSpacing(), written.GetDirection())
+    assert (labels.GetOrigin(), labels.GetSpacing(), labels.GetDirection()) == (
+        written.GetOrigin(),
+        written.GetSpacing(),
+        written.GetDirection(),
+    )
 
     # the dataset entry
     doc = json.loads((export / "dataset.json").read_text())
@@ -220,11 +240,12 @@ def test_export_writes_ct_label_map_of_confirmed_classes_and_the_entry(headless,
 
     # the training package reads it: exactly these classes annotated, the same masks, everything else not annotated
     from training.config import parse_config
-    from training.datasets import class_masks, collect_cases, read_case_labels
-    from training.exported import read_dataset as training_read_dataset
+    from training.datasets import class_masks, collect_cases, read_case_labels, read_exported
 
-    assert training_read_dataset(export)["cases"] == doc["cases"]
-    config = parse_config({"name": "t", "datasets": [{"name": "corrections", "type": "exported", "path": str(export)}]}, tmp_path)
+    assert read_exported(export)[1]["cases"] == doc["cases"]
+    config = parse_config(
+        {"name": "t", "datasets": [{"name": "corrections", "type": "exported", "path": str(export)}]}, tmp_path
+    )
     (case,) = collect_cases(config)
     assert case.annotated == (SPLEEN, LIVER) and case.split == "train"
     masks = class_masks(read_case_labels(case, sitk.ReadImage(str(case.image))))
@@ -286,8 +307,11 @@ def test_reexport_replaces_the_entry_and_scans_accumulate(headless, ct_a, ct_b, 
     assert [c["id"] for c in doc["cases"]] == [second.case_id, "CT"]
     entry = doc["cases"][1]
     assert entry["annotated"] == ["Spleen", "Liver", "Liver Tumor"] and "label" not in entry
-    assert entry["masks"] == {"Spleen": "masks/CT/spleen.nii.gz", "Liver": "masks/CT/liver.nii.gz",
-                              "Liver Tumor": "masks/CT/liver_tumor.nii.gz"}
+    assert entry["masks"] == {
+        "Spleen": "masks/CT/spleen.nii.gz",
+        "Liver": "masks/CT/liver.nii.gz",
+        "Liver Tumor": "masks/CT/liver_tumor.nii.gz",
+    }
     assert not (export / "labels" / "CT.nii.gz").exists()  # the replaced entry's label map is gone
     assert (export / "labels" / f"{second.case_id}.nii.gz").exists()  # the other scan's files are untouched
     for name, mask in (("liver", edited_liver), ("liver_tumor", ai[LIVER_TUMOR]), ("spleen", ai[SPLEEN])):
@@ -305,7 +329,9 @@ def test_reexport_replaces_the_entry_and_scans_accumulate(headless, ct_a, ct_b, 
     from training.config import parse_config
     from training.datasets import class_masks, collect_cases, read_case_labels, split_cases
 
-    config = parse_config({"name": "t", "datasets": [{"name": "corrections", "type": "exported", "path": str(export)}]}, tmp_path)
+    config = parse_config(
+        {"name": "t", "datasets": [{"name": "corrections", "type": "exported", "path": str(export)}]}, tmp_path
+    )
     train, val = split_cases(collect_cases(config))
     assert [c.case_id for c in train] == ["patient_017"] and [c.case_id for c in val] == [second.case_id]
     masks = class_masks(read_case_labels(train[0], sitk.ReadImage(str(train[0].image))))
@@ -326,9 +352,17 @@ def test_export_refusals(headless, ct_a, tmp_path):
     shape = volume.GetImageData().GetDimensions()[::-1]
     logic = US.UniversalSegLogic(headless.scene)
     node = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
-    report = import_result(logic, volume, node, tmp_path / "engine", ct_a, {
-        LIVER: box(shape, slice(2, 20), slice(5, 30), slice(3, 25)),
-        LIVER_TUMOR: box(shape, slice(6, 9), slice(10, 14), slice(8, 12))})
+    report = import_result(
+        logic,
+        volume,
+        node,
+        tmp_path / "engine",
+        ct_a,
+        {
+            LIVER: box(shape, slice(2, 20), slice(5, 30), slice(3, 25)),
+            LIVER_TUMOR: box(shape, slice(6, 9), slice(10, 14), slice(8, 12)),
+        },
+    )
     export = tmp_path / "export"
 
     # nothing reviewed or edited
@@ -419,15 +453,24 @@ def test_fine_tune_config_combines_export_and_original_data(headless, ct_a, tmp_
     from training.config import parse_config
     from training.datasets import collect_cases
 
-    config = parse_config({
-        "name": "finetune",
-        "model": {"init": str(tmp_path / "start.safetensors")},
-        "datasets": [
-            {"name": "corrections", "type": "exported", "path": str(export), "weight": 2},
-            {"name": "original", "type": "totalsegmentator", "root": str(abdomen), "image": "ct_upper_slab.nii.gz",
-             "label_file": "ct_upper_slab_labels_totalseg_v2.nii.gz", "labels": {"Liver": ["liver"], "Aorta": ["aorta"]}},
-        ],
-    }, tmp_path)
+    config = parse_config(
+        {
+            "name": "finetune",
+            "model": {"init": str(tmp_path / "start.safetensors")},
+            "datasets": [
+                {"name": "corrections", "type": "exported", "path": str(export), "weight": 2},
+                {
+                    "name": "original",
+                    "type": "totalsegmentator",
+                    "root": str(abdomen),
+                    "image": "ct_upper_slab.nii.gz",
+                    "label_file": "ct_upper_slab_labels_totalseg_v2.nii.gz",
+                    "labels": {"Liver": ["liver"], "Aorta": ["aorta"]},
+                },
+            ],
+        },
+        tmp_path,
+    )
     assert config.model.init == str(tmp_path / "start.safetensors")
     corrections, original = collect_cases(config)
     assert corrections.annotated == (SPLEEN, LIVER) and corrections.weight == 2
@@ -498,15 +541,35 @@ def test_correction_loop_end_to_end(headless, tmp_path, capsys):
 
     # 4. fine-tune from the checkpoint on the export with the training command line
     config = tmp_path / "finetune.json"
-    config.write_text(json.dumps({
-        "name": "corrections", "output": str(tmp_path / "run"), "spacing": [3.0, 3.0, 3.0],
-        "augmentation": {"num_samples": 1, "pos": 1, "neg": 0, "flip_prob": 0, "rotate_prob": 0,
-                         "intensity_shift_prob": 0, "intensity_scale_prob": 0},
-        "training": {"max_steps": 15, "crop_size": [48, 48, 32], "lr": 0.003, "warmup_steps": 1, "log_every": 5,
-                     "checkpoint_every": 100, "checkpoint_minutes": None},
-        "validation": {"every": 0, "roi_size": [48, 48, 32], "overlap": 0.0},
-        "datasets": [{"name": "corrections", "type": "exported", "path": str(export)}],
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "name": "corrections",
+                "output": str(tmp_path / "run"),
+                "spacing": [3.0, 3.0, 3.0],
+                "augmentation": {
+                    "num_samples": 1,
+                    "pos": 1,
+                    "neg": 0,
+                    "flip_prob": 0,
+                    "rotate_prob": 0,
+                    "intensity_shift_prob": 0,
+                    "intensity_scale_prob": 0,
+                },
+                "training": {
+                    "max_steps": 15,
+                    "crop_size": [48, 48, 32],
+                    "lr": 0.003,
+                    "warmup_steps": 1,
+                    "log_every": 5,
+                    "checkpoint_every": 100,
+                    "checkpoint_minutes": None,
+                },
+                "validation": {"every": 0, "roi_size": [48, 48, 32], "overlap": 0.0},
+                "datasets": [{"name": "corrections", "type": "exported", "path": str(export)}],
+            }
+        )
+    )
     assert train_main(["fit", str(config), "--init", str(before), "--threads", "2", "--no-progress"]) == 0
     fit_summary = json.loads((tmp_path / "run" / "fit_summary.json").read_text())
     first, last = fit_summary["validation_first"], fit_summary["validation_last"]
@@ -520,18 +583,47 @@ def test_correction_loop_end_to_end(headless, tmp_path, capsys):
     assert tuned.class_names == CATALOG.names  # all classes kept; only the liver was trained
     meta = read_checkpoint_metadata(after)
     assert meta["provenance"]["init"] == str(before.resolve())
-    assert [(d["dataset"], d["type"], d["annotated_classes"]) for d in meta["training_data"]] == [("corrections", "exported", ["Liver"])]
+    assert [(d["dataset"], d["type"], d["annotated_classes"]) for d in meta["training_data"]] == [
+        ("corrections", "exported", ["Liver"])
+    ]
 
     # 5. compare both models on the exported scan with the engine (as users run them)
     report_dir = tmp_path / "evaluation"
-    assert train_main(["evaluate", str(config), "--split", "val", "--model", str(before), "--model", str(after),
-                       "--classes", "liver", "--fast", "--device", "cpu", "--output", str(report_dir)]) == 0
+    assert (
+        train_main(
+            [
+                "evaluate",
+                str(config),
+                "--split",
+                "val",
+                "--model",
+                str(before),
+                "--model",
+                str(after),
+                "--classes",
+                "liver",
+                "--fast",
+                "--device",
+                "cpu",
+                "--output",
+                str(report_dir),
+            ]
+        )
+        == 0
+    )
     evaluation = json.loads((report_dir / "evaluation.json").read_text())
     assert evaluation["models"] == [str(before), str(after)] and evaluation["cases"] == ["corrections/slab"]
     for model_ref in evaluation["models"]:
         scores = evaluation["per_case"][model_ref]["corrections/slab"]
         assert list(scores) == ["Liver"] and scores["Liver"]["reference_voxels"] == int(correction.sum())
-        assert 0.0 <= scores["Liver"]["dice"] <= 1.0
+        # Dice = 2|P&R| / (|P| + |R|): the overlap it implies is a whole number of voxels, at most the smaller mask
+        p, r = scores["Liver"]["predicted_voxels"], scores["Liver"]["reference_voxels"]
+        overlap = scores["Liver"]["dice"] * (p + r) / 2
+        assert overlap == pytest.approx(round(overlap), abs=1e-2) and 0 <= round(overlap) <= min(p, r), (p, r, overlap)
+    predicted = [
+        evaluation["per_case"][m]["corrections/slab"]["Liver"]["predicted_voxels"] for m in evaluation["models"]
+    ]
+    assert predicted[0] == int(np.count_nonzero(ai_liver)) and predicted[1] != predicted[0]  # each model scored
     # the "before" score is exactly that of the AI liver the user corrected (same engine, model and settings)
     ai_dice = 2 * np.count_nonzero(ai_liver & correction) / (np.count_nonzero(ai_liver) + np.count_nonzero(correction))
     assert evaluation["per_case"][str(before)]["corrections/slab"]["Liver"]["dice"] == pytest.approx(ai_dice, abs=1e-5)

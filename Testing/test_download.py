@@ -1,8 +1,9 @@
 """Download machinery against a real HTTP server on 127.0.0.1 (no mocking of the HTTP layer).
 
-The server (``http_server`` fixture, also used by ``test_registry.py``) serves byte strings with HTTP/1.1 Range and
-If-Range support, and can be told to cut the connection mid-transfer, serve wrong bytes, answer 404/503, ignore
-Range requests, or redirect (as Hugging Face ``resolve`` URLs do).
+The server (``http_server`` fixture in ``conftest.py``, shared with ``test_registry.py`` and ``test_cli.py``)
+serves byte strings with HTTP/1.1 Range and If-Range support, and can be told to cut the connection mid-transfer,
+serve wrong bytes, answer 404/503, ignore Range requests, answer slowly, or redirect (as Hugging Face ``resolve``
+URLs do).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ import hashlib
 import io
 import logging
 import os
-import re
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 from pathlib import Path
 
 import pytest
@@ -24,108 +24,6 @@ from UniversalSegLib.download import cache_dir, download_file, format_size, sha2
 from UniversalSegLib.errors import DownloadError, InputError
 
 PAYLOAD_SIZE = (5 << 19) + 123  # ~2.5 MiB: several 1 MiB reads, an odd length
-
-
-class ServerState:
-    """What the test server serves and what it saw. ``mode`` is one of: ok, cut, cut_once, wrong, 404, 503,
-    ignore_range."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.etags: dict[str, str] = {}
-        self.mode = "ok"
-        self.requests: list[dict[str, str | None]] = []
-        self.cut_done = False
-        self.base_url = ""
-
-    def add(self, path: str, body: bytes, etag: str = '"v1"') -> str:
-        self.files[path] = body
-        self.etags[path] = etag
-        return self.base_url + path
-
-    def file_requests(self) -> list[dict[str, str | None]]:
-        """Requests for files (redirect hops left out)."""
-        return [r for r in self.requests if not r["path"].startswith("/redirect/")]
-
-
-class RangeHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:  # keep pytest output clean
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-        state: ServerState = self.server.state  # type: ignore[attr-defined]
-        state.requests.append(
-            {"path": self.path, "range": self.headers.get("Range"), "if_range": self.headers.get("If-Range")}
-        )
-        if self.path.startswith("/redirect/"):
-            self.send_response(302)
-            self.send_header("Location", self.path[len("/redirect") :])
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = state.files.get(self.path)
-        if body is None or state.mode == "404":
-            self.send_error(404, "Not Found")
-            return
-        if state.mode == "503":
-            self.send_error(503, "Service Unavailable")
-            return
-        if state.mode == "wrong":
-            body = bytes(reversed(body))  # same length, other bytes
-        etag = state.etags[self.path]
-
-        start = 0
-        range_header = self.headers.get("Range")
-        if_range = self.headers.get("If-Range")
-        honour = range_header is not None and state.mode != "ignore_range" and if_range in (None, etag)
-        if honour:
-            match = re.fullmatch(r"bytes=(\d+)-", range_header)
-            assert match, f"client sent an unexpected Range header {range_header!r}"
-            start = int(match.group(1))
-            if start >= len(body):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-        payload = body[start:]
-        self.send_response(206 if honour else 200)
-        if honour:
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", etag)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        cut = state.mode == "cut" or (state.mode == "cut_once" and not state.cut_done)
-        if cut:
-            state.cut_done = True
-            payload = payload[: len(payload) // 2]
-            self.close_connection = True  # the server closes the socket after half: the client sees a short body
-        try:
-            self.wfile.write(payload)
-        except (BrokenPipeError, ConnectionResetError):  # the client hung up on purpose (e.g. size refused)
-            self.close_connection = True
-
-
-@pytest.fixture
-def http_server(monkeypatch):
-    """A ThreadingHTTPServer on 127.0.0.1 (free port); yields its :class:`ServerState`."""
-    for var in ("no_proxy", "NO_PROXY"):  # never send 127.0.0.1 through a proxy configured in the environment
-        monkeypatch.setenv(var, "127.0.0.1,localhost")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    server.daemon_threads = True
-    server.state = ServerState()  # type: ignore[attr-defined]
-    server.state.base_url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server.state  # type: ignore[attr-defined]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture(autouse=True)
@@ -313,6 +211,33 @@ def test_existing_verified_file_is_not_downloaded_again(http_server, payload, tm
     download_file(url, dest, sha256=_sha(payload))
     download_file(url, dest, sha256=_sha(payload))
     assert len(http_server.requests) == 1
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the download lock uses POSIX flock")
+def test_concurrent_downloads_of_one_file_are_serialised(http_server, payload, tmp_path):
+    """Two downloads of the same file at once (two Slicer windows, two batch jobs): the second waits for the lock,
+    then finds the verified file and sends no request; neither sees the other's half-written ``.part``."""
+    url = http_server.add("/model.pth", payload)
+    http_server.delay_s = 0.5  # the first transfer is still running when the second call starts
+    dest = tmp_path / "model.pth"
+    results: list[object] = []
+
+    def fetch() -> None:
+        try:
+            results.append(download_file(url, dest, sha256=_sha(payload), retries=0))
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            results.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [dest, dest]
+    assert dest.read_bytes() == payload
+    assert len(http_server.requests) == 1  # the file was transferred once
+    assert _leftovers(dest) == []
 
 
 def test_existing_corrupt_file_is_replaced(http_server, payload, tmp_path):

@@ -1,4 +1,5 @@
 """Tests of reading CTs and writing segmentations (UniversalSegLib.imageio), on the real CTs in ../shared/data/ct."""
+
 from __future__ import annotations
 
 import errno
@@ -65,8 +66,13 @@ def _result_from_ct(image: sitk.Image) -> SegmentationResult:
         LIVER_TUMOR: CroppedMask.from_full(array > 300),
     }
     return SegmentationResult(
-        geometry=ImageGeometry.of(image), masks=masks, catalog=ClassCatalog.default(), model_name="test-unet",
-        device="cpu", timings={"total": 1.25}, input_path="ct.nii.gz",
+        geometry=ImageGeometry.of(image),
+        masks=masks,
+        catalog=ClassCatalog.default(),
+        model_name="test-unet",
+        device="cpu",
+        timings={"total": 1.25},
+        input_path="ct.nii.gz",
     )
 
 
@@ -329,7 +335,9 @@ def test_unwritable_output_raises_before_writing(slab_result, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     target = blocker / "out" / "seg.nii.gz"
-    with pytest.raises(InputError, match=r"cannot write output '.*file\.txt/out/seg\.nii\.gz': '.*file\.txt' is a file"):
+    with pytest.raises(
+        InputError, match=r"cannot write output '.*file\.txt/out/seg\.nii\.gz': '.*file\.txt' is a file"
+    ):
         check_writable(target)
     summary = tmp_path / "summary.json"
     with pytest.raises(InputError, match="file.txt"):
@@ -483,7 +491,9 @@ def test_dicom_seg_references_the_source_series(dicom_dir, tmp_path):
         assert item.SegmentAlgorithmType == "AUTOMATIC"
         assert item.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "test-unet"
     kidney = seg.SegmentSequence[[i.index for i in infos].index(RIGHT_KIDNEY)]
-    assert kidney.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"
+    assert (
+        kidney.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"
+    )
     # Masks per source slice equal the result's masks (slice k of the image is the k-th file of the series).
     files = dicom_series_files(dicom_dir)
     uids = [pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID for f in files]
@@ -508,7 +518,10 @@ def test_dicom_seg_refuses_a_series_of_another_grid(dicom_dir, slab_result, tmp_
 
 def test_write_outputs_writes_everything_asked_for(slab_result, tmp_path):
     paths = write_outputs(
-        slab_result, tmp_path / "out" / "ct", fmt="seg.nrrd", split_masks=tmp_path / "masks",
+        slab_result,
+        tmp_path / "out" / "ct",
+        fmt="seg.nrrd",
+        split_masks=tmp_path / "masks",
         summary=tmp_path / "summary.json",
     )
     assert paths[-1] == tmp_path / "out" / "ct.seg.nrrd"
@@ -528,7 +541,9 @@ def test_failing_writer_leaves_no_partial_file(slab_result, tmp_path, monkeypatc
 
     monkeypatch.setattr(slicerio, "write_segmentation", failing_write)
     monkeypatch.setattr(slicerio.segmentation, "write_segmentation", failing_write)
-    with pytest.raises(InputError, match=r"cannot write '.*seg\.seg\.nrrd': the disk is full \(No space left on device\)"):
+    with pytest.raises(
+        InputError, match=r"cannot write '.*seg\.seg\.nrrd': the disk is full \(No space left on device\)"
+    ):
         write_outputs(slab_result, output, summary=tmp_path / "summary.json", split_masks=tmp_path / "masks")
     assert output.read_bytes() == b"previous result"  # the old file is untouched, not half-overwritten
     assert not (tmp_path / "summary.json").exists()  # outputs of the failed run are removed

@@ -1,9 +1,9 @@
 """Universal Model and checkpoints: equivalence with upstream, strict loading, safe loading, subsets, batching."""
+
 from __future__ import annotations
 
 import importlib.util
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from conftest import shared_path
-from UniversalSegLib.checkpoints import load_checkpoint, load_official_checkpoint, read_checkpoint_metadata, save_checkpoint
+from UniversalSegLib.checkpoints import (
+    load_checkpoint,
+    load_official_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
 from UniversalSegLib.errors import CheckpointError
 from UniversalSegLib.networks import ModelConfig, UniversalModel
 
@@ -70,7 +75,10 @@ def test_extra_key_is_named(official_files, tmp_path):
     ckpt = torch.load(official_files["unet"], weights_only=True)
     ckpt["net"]["module.backbone.extra_layer.weight"] = torch.zeros(3)
     torch.save(ckpt, tmp_path / "extra.pth")
-    with pytest.raises(CheckpointError, match=r"unexpected keys: module\.backbone\.extra_layer\.weight|unexpected keys: backbone\.extra_layer\.weight"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"unexpected keys: module\.backbone\.extra_layer\.weight|unexpected keys: backbone\.extra_layer\.weight",
+    ):
         load_checkpoint(tmp_path / "extra.pth")
 
 

@@ -1,5 +1,6 @@
 """A checkpoint's own grid (spacing, HU window, window size), the classes a shipped checkpoint offers, plausibility
 notes and the demo picture."""
+
 from __future__ import annotations
 
 import json
@@ -10,13 +11,13 @@ import SimpleITK as sitk
 import torch
 
 from conftest import shared_path
+from training.export import OfferedClasses, keep_classes
 from UniversalSegLib.catalog import ClassCatalog
 from UniversalSegLib.checkpoints import load_checkpoint, save_checkpoint
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.networks import ModelConfig, UniversalModel
 from UniversalSegLib.pipeline import Engine, SegmentationOptions, model_preprocessing
 from UniversalSegLib.result import CroppedMask, ImageGeometry, SegmentationResult
-from training.export import OfferedClasses, keep_classes
 
 
 def _model(preprocessing: dict | None) -> UniversalModel:
@@ -35,7 +36,10 @@ def _slab() -> sitk.Image:
 
 def test_engine_uses_the_checkpoints_grid(tmp_path):
     """A checkpoint that records 3 mm / 32^3 windows is run on that grid; one without the entry on the published one."""
-    coarse = save_checkpoint(_model({"spacing_mm": [3, 3, 3], "hu_window": [-175, 250], "roi_size": [32, 32, 32]}), tmp_path / "c.safetensors")
+    coarse = save_checkpoint(
+        _model({"spacing_mm": [3, 3, 3], "hu_window": [-175, 250], "roi_size": [32, 32, 32]}),
+        tmp_path / "c.safetensors",
+    )
     model = load_checkpoint(coarse)
     grid = model_preprocessing(model)
     assert grid.spacing_mm == (3.0, 3.0, 3.0) and grid.roi_size == (32, 32, 32)
@@ -52,7 +56,9 @@ def test_engine_uses_the_checkpoints_grid(tmp_path):
     assert published.spacing_mm == (1.5, 1.5, 1.5) and published.roi_size == (96, 96, 96)
 
 
-@pytest.mark.parametrize("bad", [{"spacing_mm": [0, 1, 1]}, {"spacing_mm": "x"}, {"hu_window": [250, -175]}, {"roi_size": [8, 8, 8]}])
+@pytest.mark.parametrize(
+    "bad", [{"spacing_mm": [0, 1, 1]}, {"spacing_mm": "x"}, {"hu_window": [250, -175]}, {"roi_size": [8, 8, 8]}]
+)
 def test_malformed_grid_metadata_is_one_clear_error(bad):
     with pytest.raises(InputError, match="preprocessing"):
         model_preprocessing(_model(bad))
@@ -74,8 +80,18 @@ def test_keep_classes_keeps_each_kept_class_output_unchanged():
 
 
 def test_offered_classes_follow_the_held_out_floor(tmp_path):
-    report = {"models": ["m.safetensors"], "cases": ["abdomen"], "summary": {"m.safetensors": {
-        "Liver": {"dice": 0.91}, "Spleen": {"dice": 0.59}, "Aorta": {"dice": 0.6}, "Colon": {"dice": None}}}}
+    report = {
+        "models": ["m.safetensors"],
+        "cases": ["abdomen"],
+        "summary": {
+            "m.safetensors": {
+                "Liver": {"dice": 0.91},
+                "Spleen": {"dice": 0.59},
+                "Aorta": {"dice": 0.6},
+                "Colon": {"dice": None},
+            }
+        },
+    }
     path = tmp_path / "evaluation.json"
     path.write_text(json.dumps(report))
     offered = OfferedClasses.from_evaluation(path, 0.6)
@@ -129,14 +145,18 @@ def test_overlay_gives_adjacent_structures_distinct_colours_and_volumes(tmp_path
     used = PALETTE[: len(names)]
     assert all(c in colours for c in used)  # each outline drawn in its own colour
     assert len(set(used)) == len(used)
-    assert min(np.abs(np.subtract(a, b)).sum() for i, a in enumerate(used) for b in used[i + 1:]) > 100
+    assert min(np.abs(np.subtract(a, b)).sum() for i, a in enumerate(used) for b in used[i + 1 :]) > 100
 
 
 def test_classes_command_marks_the_classes_a_model_lacks(tmp_path, capsys):
     from UniversalSegLib.cli import main
 
     model = _model(None)
-    model.metadata["held_out"] = {"floor": 0.6, "dice": {"Liver": 0.9, "Spleen": 0.8, "Aorta": 0.7}, "offered": ["Spleen", "Liver", "Aorta"]}
+    model.metadata["held_out"] = {
+        "floor": 0.6,
+        "dice": {"Liver": 0.9, "Spleen": 0.8, "Aorta": 0.7},
+        "offered": ["Spleen", "Liver", "Aorta"],
+    }
     path = save_checkpoint(model, tmp_path / "three.safetensors")
     assert main(["classes", "--model", str(path), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -159,7 +179,7 @@ def test_head_activity_tells_live_heads_from_dead_ones():
     alive = head_activity(model, window)
     assert all(v["alive_units"] > 0 and v["logit_std"] > 0 for v in alive.values())
     with torch.no_grad():  # every hidden unit's bias far negative: the heads' ReLUs are dead
-        model.controller.bias[64 + 64 + 8: 64 + 64 + 16] = -1e4
-        model.controller.bias[64 + 64 + 16: 64 + 64 + 24] = -1e4
+        model.controller.bias[64 + 64 + 8 : 64 + 64 + 16] = -1e4
+        model.controller.bias[64 + 64 + 16 : 64 + 64 + 24] = -1e4
     dead = head_activity(model, window)
     assert all(v["alive_units"] == 0 and v["logit_std"] == 0 for v in dead.values())

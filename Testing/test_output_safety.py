@@ -4,6 +4,7 @@ One test (or a few) per case of the issue, against the real CLI and writers, on 
 random-weight model. Every bad case must give one clear line, a non-zero exit, no traceback, no partial or empty
 file, and leave every pre-existing file byte-identical.
 """
+
 from __future__ import annotations
 
 import errno
@@ -58,7 +59,11 @@ def dicom_copy(tmp_path) -> Path:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _one_error_line(args: list[str], capsys) -> str:
@@ -76,7 +81,11 @@ def _result(image: sitk.Image, input_path: str | None) -> SegmentationResult:
     return SegmentationResult(
         geometry=ImageGeometry.of(image),
         masks={LIVER: CroppedMask.from_full(array > -300), SPLEEN: CroppedMask.from_full(array > 300)},
-        catalog=ClassCatalog.default(), model_name="test", device="cpu", timings={"total": 0.0}, input_path=input_path,
+        catalog=ClassCatalog.default(),
+        model_name="test",
+        device="cpu",
+        timings={"total": 0.0},
+        input_path=input_path,
     )
 
 
@@ -104,16 +113,38 @@ def test_output_onto_the_input_is_refused_before_any_work(ct_copy, tmp_path, spe
         (tmp_path / "alias").symlink_to(folder)
     before = _digests(folder)
     # A model that does not exist: the refusal must come before the model is even looked for.
-    line = _one_error_line(["segment", str(ct_copy), "-o", str(output), "--model", str(tmp_path / "none.safetensors"),
-                            "--classes", "liver"], capsys)
+    line = _one_error_line(
+        [
+            "segment",
+            str(ct_copy),
+            "-o",
+            str(output),
+            "--model",
+            str(tmp_path / "none.safetensors"),
+            "--classes",
+            "liver",
+        ],
+        capsys,
+    )
     assert "input" in line and "destroy" in line and "choose another output" in line
     assert _digests(folder) == before
 
 
 def test_output_onto_a_slice_of_the_input_dicom_series_is_refused(dicom_copy, tmp_path, capsys):
     before = _digests(dicom_copy)
-    line = _one_error_line(["segment", str(dicom_copy), "-o", str(dicom_copy / "02.dcm"), "--classes", "liver",
-                            "--model", str(tmp_path / "none.safetensors")], capsys)
+    line = _one_error_line(
+        [
+            "segment",
+            str(dicom_copy),
+            "-o",
+            str(dicom_copy / "02.dcm"),
+            "--classes",
+            "liver",
+            "--model",
+            str(tmp_path / "none.safetensors"),
+        ],
+        capsys,
+    )
     assert "02.dcm" in line and "a file of the input" in line
     assert _digests(dicom_copy) == before
 
@@ -132,8 +163,21 @@ def test_an_earlier_dicom_seg_in_the_series_folder_may_be_replaced(dicom_copy):
 
 def test_summary_onto_the_input_is_refused(ct_copy, tmp_path, capsys):
     before = _digests(ct_copy.parent)
-    line = _one_error_line(["segment", str(ct_copy), "-o", str(tmp_path / "seg.nii.gz"), "--summary", str(ct_copy),
-                            "--classes", "liver", "--model", str(tmp_path / "none.safetensors")], capsys)
+    line = _one_error_line(
+        [
+            "segment",
+            str(ct_copy),
+            "-o",
+            str(tmp_path / "seg.nii.gz"),
+            "--summary",
+            str(ct_copy),
+            "--classes",
+            "liver",
+            "--model",
+            str(tmp_path / "none.safetensors"),
+        ],
+        capsys,
+    )
     assert "summary" in line and "destroy" in line
     assert _digests(ct_copy.parent) == before and not (tmp_path / "seg.nii.gz").exists()
 
@@ -143,8 +187,10 @@ def test_batch_output_folder_equal_to_the_input_folder_is_refused(slab, tmp_path
     scans.mkdir()
     shutil.copy(slab, scans / "a.nii.gz")
     before = _digests(scans)
-    line = _one_error_line(["segment", str(scans), "-o", str(scans), "--classes", "liver",
-                            "--model", str(tmp_path / "none.safetensors")], capsys)
+    line = _one_error_line(
+        ["segment", str(scans), "-o", str(scans), "--classes", "liver", "--model", str(tmp_path / "none.safetensors")],
+        capsys,
+    )
     assert "a.nii.gz" in line and "destroy" in line
     assert _digests(scans) == before
 
@@ -156,9 +202,21 @@ def test_outputs_differing_only_in_case_collide_on_a_case_insensitive_file_syste
     from UniversalSegLib import output_safety
 
     monkeypatch.setattr(output_safety, "_case_insensitive", lambda folder: True)
-    line = _one_error_line(["segment", str(slab), "-o", str(tmp_path / "seg.nii.gz"), "--summary",
-                            str(tmp_path / "SEG.NII.GZ"), "--classes", "liver",
-                            "--model", str(tmp_path / "none.safetensors")], capsys)
+    line = _one_error_line(
+        [
+            "segment",
+            str(slab),
+            "-o",
+            str(tmp_path / "seg.nii.gz"),
+            "--summary",
+            str(tmp_path / "SEG.NII.GZ"),
+            "--classes",
+            "liver",
+            "--model",
+            str(tmp_path / "none.safetensors"),
+        ],
+        capsys,
+    )
     assert "same file" in line
     monkeypatch.undo()
     plan = output_safety.OutputPlan()
@@ -210,8 +268,24 @@ def test_full_disk_cli_exit_2_and_old_file_byte_identical(small_tmpfs, slab, tin
     old.write_bytes(b"the user's previous result " * 40)
     before = old.read_bytes()
     _fill(small_tmpfs, 6 * 1024)
-    line = _one_error_line(["segment", str(slab), "-o", str(old), "--model", str(tiny_model_path), "--classes",
-                            "liver,spleen", "--split-masks", str(small_tmpfs / "m"), "--fast", "--progress", "json"], capsys)
+    line = _one_error_line(
+        [
+            "segment",
+            str(slab),
+            "-o",
+            str(old),
+            "--model",
+            str(tiny_model_path),
+            "--classes",
+            "liver,spleen",
+            "--split-masks",
+            str(small_tmpfs / "m"),
+            "--fast",
+            "--progress",
+            "json",
+        ],
+        capsys,
+    )
     assert "disk is full" in line
     assert old.read_bytes() == before
     assert sorted(p.name for p in small_tmpfs.iterdir()) == ["existing.nii.gz", "filler"]
@@ -219,8 +293,19 @@ def test_full_disk_cli_exit_2_and_old_file_byte_identical(small_tmpfs, slab, tin
 
 def test_uncompressed_nifti_free_space_is_checked_before_the_run(small_tmpfs, slab, tmp_path, capsys):
     _fill(small_tmpfs, 64 * 1024)  # the label map needs 352 + 122*101*30 bytes = 370 kB
-    line = _one_error_line(["segment", str(slab), "-o", str(small_tmpfs / "seg.nii"), "--classes", "liver",
-                            "--model", str(tmp_path / "none.safetensors")], capsys)
+    line = _one_error_line(
+        [
+            "segment",
+            str(slab),
+            "-o",
+            str(small_tmpfs / "seg.nii"),
+            "--classes",
+            "liver",
+            "--model",
+            str(tmp_path / "none.safetensors"),
+        ],
+        capsys,
+    )
     assert "not enough free space" in line and "seg.nii" in line
 
 
@@ -282,12 +367,38 @@ def test_empty_write_is_refused(tmp_path):
 def test_truncated_dicom_slice_is_refused_with_its_name(dicom_copy, tmp_path, tiny_model_path, capsys):
     with open(dicom_copy / "02.dcm", "r+b") as f:
         f.truncate(300_000)  # header intact, pixel data cut: GDCM silently leaves the file out of the series
-    line = _one_error_line(["segment", str(dicom_copy), "-o", str(tmp_path / "seg.dcm"), "--classes", "liver",
-                            "--model", str(tmp_path / "none.safetensors")], capsys)
+    line = _one_error_line(
+        [
+            "segment",
+            str(dicom_copy),
+            "-o",
+            str(tmp_path / "seg.dcm"),
+            "--classes",
+            "liver",
+            "--model",
+            str(tmp_path / "none.safetensors"),
+        ],
+        capsys,
+    )
     assert "02.dcm" in line and "unreadable" in line and "--skip-unreadable-slices" in line
-    code = main(["segment", str(dicom_copy), "-o", str(tmp_path / "seg.nii.gz"), "--classes", "liver", "--model",
-                 str(tiny_model_path), "--fast", "--progress", "none", "--summary", str(tmp_path / "s.json"),
-                 "--skip-unreadable-slices"])
+    code = main(
+        [
+            "segment",
+            str(dicom_copy),
+            "-o",
+            str(tmp_path / "seg.nii.gz"),
+            "--classes",
+            "liver",
+            "--model",
+            str(tiny_model_path),
+            "--fast",
+            "--progress",
+            "none",
+            "--summary",
+            str(tmp_path / "s.json"),
+            "--skip-unreadable-slices",
+        ]
+    )
     assert code == 0
     summary = json.loads((tmp_path / "s.json").read_text())
     assert any("02.dcm" in w for w in summary["warnings"]) and summary["geometry"]["size"][2] == 2
@@ -311,16 +422,44 @@ def test_dicom_series_with_a_missing_slice_is_refused_unless_allowed(dicom_copy,
 # ----------------------------------------------------------------------------------------------------- case 5
 def test_summary_equal_to_output_is_refused(slab, tmp_path, capsys):
     out = tmp_path / "seg.nii.gz"
-    line = _one_error_line(["segment", str(slab), "-o", str(out), "--summary", str(tmp_path / "." / "seg.nii.gz"),
-                            "--classes", "liver", "--model", str(tmp_path / "none.safetensors")], capsys)
+    line = _one_error_line(
+        [
+            "segment",
+            str(slab),
+            "-o",
+            str(out),
+            "--summary",
+            str(tmp_path / "." / "seg.nii.gz"),
+            "--classes",
+            "liver",
+            "--model",
+            str(tmp_path / "none.safetensors"),
+        ],
+        capsys,
+    )
     assert "same file" in line
     assert not list(tmp_path.iterdir())
 
 
 def test_output_inside_split_masks_with_a_class_name_is_refused(slab, tmp_path, tiny_model_path, capsys):
-    line = _one_error_line(["segment", str(slab), "-o", str(tmp_path / "m" / "liver.nii.gz"), "--split-masks",
-                            str(tmp_path / "m"), "--classes", "liver", "--model", str(tiny_model_path), "--fast",
-                            "--progress", "json"], capsys)
+    line = _one_error_line(
+        [
+            "segment",
+            str(slab),
+            "-o",
+            str(tmp_path / "m" / "liver.nii.gz"),
+            "--split-masks",
+            str(tmp_path / "m"),
+            "--classes",
+            "liver",
+            "--model",
+            str(tiny_model_path),
+            "--fast",
+            "--progress",
+            "json",
+        ],
+        capsys,
+    )
     assert "liver.nii.gz" in line and "same file" in line
     assert not list(tmp_path.iterdir())
 
@@ -331,8 +470,19 @@ def test_batch_scans_with_the_same_name_are_refused(slab, tmp_path, capsys):
     image = sitk.ReadImage(str(slab))
     sitk.WriteImage(image, str(scans / "a.nii.gz"))
     sitk.WriteImage(image, str(scans / "a.nrrd"))
-    line = _one_error_line(["segment", str(scans), "-o", str(tmp_path / "out"), "--classes", "liver",
-                            "--model", str(tmp_path / "none.safetensors")], capsys)
+    line = _one_error_line(
+        [
+            "segment",
+            str(scans),
+            "-o",
+            str(tmp_path / "out"),
+            "--classes",
+            "liver",
+            "--model",
+            str(tmp_path / "none.safetensors"),
+        ],
+        capsys,
+    )
     assert "of a.nii.gz" in line and "of a.nrrd" in line and "same file" in line
     assert not (tmp_path / "out").exists()
 
@@ -340,14 +490,36 @@ def test_batch_scans_with_the_same_name_are_refused(slab, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------- case 6, 7
 @pytest.mark.parametrize("value", ["", ",,,", " , "])
 def test_empty_classes_means_nothing_requested(slab, tmp_path, value, capsys):
-    line = _one_error_line(["segment", str(slab), "-o", str(tmp_path / "o.nii.gz"), "--classes", value,
-                            "--model", str(tmp_path / "none.safetensors")], capsys)
+    line = _one_error_line(
+        [
+            "segment",
+            str(slab),
+            "-o",
+            str(tmp_path / "o.nii.gz"),
+            "--classes",
+            value,
+            "--model",
+            str(tmp_path / "none.safetensors"),
+        ],
+        capsys,
+    )
     assert "--classes" in line and "names no class" in line
 
 
 def test_dicom_seg_for_a_nifti_input_is_refused_before_the_run(slab, tmp_path, capsys):
-    line = _one_error_line(["segment", str(slab), "-o", str(tmp_path / "seg.dcm"), "--classes", "liver",
-                            "--model", str(tmp_path / "none.safetensors")], capsys)
+    line = _one_error_line(
+        [
+            "segment",
+            str(slab),
+            "-o",
+            str(tmp_path / "seg.dcm"),
+            "--classes",
+            "liver",
+            "--model",
+            str(tmp_path / "none.safetensors"),
+        ],
+        capsys,
+    )
     assert "DICOM SEG output needs a DICOM series input" in line
 
 
@@ -382,8 +554,24 @@ def test_sigterm_during_the_run_exits_143_and_leaves_nothing(slab, tmp_path, tin
         "sys.exit(cli.main())\n"
     )
     out = tmp_path / "out"
-    proc = _child(code, ["segment", str(slab), "-o", str(out / "seg.nii.gz"), "--model", str(tiny_model_path),
-                         "--classes", "liver", "--summary", str(out / "s.json"), "--progress", "none", "--fast"])
+    proc = _child(
+        code,
+        [
+            "segment",
+            str(slab),
+            "-o",
+            str(out / "seg.nii.gz"),
+            "--model",
+            str(tiny_model_path),
+            "--classes",
+            "liver",
+            "--summary",
+            str(out / "s.json"),
+            "--progress",
+            "none",
+            "--fast",
+        ],
+    )
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "interrupted" in proc.stderr
     assert not out.exists()
@@ -403,8 +591,24 @@ def test_sigterm_while_outputs_are_renamed_gives_all_of_them(slab, tmp_path, tin
         "sys.exit(cli.main())\n"
     )
     out, summary = tmp_path / "seg.nii.gz", tmp_path / "s.json"
-    proc = _child(code, ["segment", str(slab), "-o", str(out), "--model", str(tiny_model_path), "--classes", "liver",
-                         "--summary", str(summary), "--progress", "none", "--fast"])
+    proc = _child(
+        code,
+        [
+            "segment",
+            str(slab),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_model_path),
+            "--classes",
+            "liver",
+            "--summary",
+            str(summary),
+            "--progress",
+            "none",
+            "--fast",
+        ],
+    )
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert out.exists() and summary.exists()  # all or none; here all, complete
@@ -429,8 +633,11 @@ def test_sigterm_at_exit_gives_no_atexit_traceback():
 def test_fifo_input_is_refused_at_once(tmp_path):
     fifo = tmp_path / "ct.nii.gz"
     os.mkfifo(fifo)
-    proc = _child("import sys\nfrom UniversalSegLib.cli import main\nsys.exit(main())\n",
-                  ["segment", str(fifo), "-o", str(tmp_path / "o.nii.gz"), "--classes", "liver"], timeout=60)
+    proc = _child(
+        "import sys\nfrom UniversalSegLib.cli import main\nsys.exit(main())\n",
+        ["segment", str(fifo), "-o", str(tmp_path / "o.nii.gz"), "--classes", "liver"],
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"universalseg: error: input '{fifo}' is a FIFO (named pipe), not a file; save the scan to a file and pass that"

@@ -6,7 +6,10 @@
 * per-axis index inversion (``InverseIndex``) vs MONAI's inverse transform, on real CTs and re-oriented copies;
 * the engine end to end vs the straightforward pipeline, with a tiny random U-Net (no full-size network here).
 """
+
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
@@ -76,12 +79,17 @@ def _assert_same_masks(masks: torch.Tensor, probabilities: torch.Tensor, thresho
     differ = masks != expected
     if differ.any():
         gap = torch.stack([(p - t).abs() for p, t in zip(probabilities, thresholds)])[differ]
-        assert float(gap.max()) < 1e-6, f"{int(differ.sum())} voxels differ, up to {float(gap.max())} from the threshold"
+        assert float(gap.max()) < 1e-6, (
+            f"{int(differ.sum())} voxels differ, up to {float(gap.max())} from the threshold"
+        )
     assert int(differ.sum()) <= 3
 
 
-@pytest.mark.parametrize("crop", [(slice(None), slice(None), slice(None)), (slice(None), slice(None), slice(0, 20))],
-                         ids=["windows", "padded-z"])
+@pytest.mark.parametrize(
+    "crop",
+    [(slice(None), slice(None), slice(None)), (slice(None), slice(None), slice(0, 20))],
+    ids=["windows", "padded-z"],
+)
 def test_predict_masks_equals_thresholded_full_logits(tiny_model, slab_image, crop):
     image = slab_image[(slice(None), slice(None), *crop)].contiguous()
     embeddings = tiny_model.class_embeddings[[0, 5, 10, 25]]
@@ -132,7 +140,9 @@ def test_predict_masks_progress_and_cancel(tiny_model, slab_image):
     from UniversalSegLib.inferer import Cancelled
 
     seen = []
-    segmenter = SlidingWindowSegmenter(tiny_model, roi_size=ROI, backend="torch", progress=lambda f, d: seen.append((f, d)))
+    segmenter = SlidingWindowSegmenter(
+        tiny_model, roi_size=ROI, backend="torch", progress=lambda f, d: seen.append((f, d))
+    )
     segmenter.predict_masks(slab_image, tiny_model.class_embeddings[:1])
     total = count_windows(slab_image.shape[2:], ROI, 0.5)
     assert seen[0] == (0.0, f"window 0/{total}") and seen[-1] == (1.0, f"window {total}/{total}")
@@ -225,15 +235,23 @@ def test_openvino_threads_follow_torch_and_model_is_cached(tiny_model):
             tiny_model.text_to_vision.bias.sub_(1.0)
 
 
+@pytest.mark.skipif(not cpu_supports_bfloat16(), reason="no bfloat16 on this CPU: would compare float32 with float32")
 def test_bfloat16_close_to_float32(tiny_model, slab_image):
     embeddings = tiny_model.class_embeddings[[5]]
     full = SlidingWindowSegmenter(tiny_model, roi_size=ROI, backend="auto")
     half = SlidingWindowSegmenter(tiny_model, roi_size=ROI, backend="auto", precision="bfloat16")
     a, b = full(slab_image, embeddings).flatten(), half(slab_image, embeddings).flatten()
     assert full.effective_precision == "float32"
-    assert half.effective_precision == ("bfloat16" if cpu_supports_bfloat16() else "float32")
+    assert half.effective_precision == "bfloat16"
+    assert not torch.equal(a, b)  # really another precision, not the float32 run twice
     corr = torch.corrcoef(torch.stack([a, b]))[0, 1]
     assert float(corr) > 0.99
+
+
+@pytest.mark.skipif(cpu_supports_bfloat16(), reason="this CPU has bfloat16 (see test_bfloat16_close_to_float32)")
+def test_bfloat16_falls_back_to_float32_without_cpu_support(tiny_model):
+    half = SlidingWindowSegmenter(tiny_model, roi_size=ROI, backend="torch", precision="bfloat16")
+    assert half.effective_precision == "float32"
 
 
 def _reoriented(image: sitk.Image, order: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> sitk.Image:
@@ -270,13 +288,37 @@ def test_inverse_index_equals_monai_inverse(variant):
     np.testing.assert_array_equal(index.invert(noise), pre.invert_mask(noise))
     blob = np.zeros(pre.shape, dtype=bool)
     lo = [s // 3 for s in pre.shape]
-    blob[lo[0]:lo[0] + 9, lo[1]:lo[1] + 5, lo[2]:lo[2] + 7] = rng.random((9, 5, 7)) > 0.4
+    blob[lo[0] : lo[0] + 9, lo[1] : lo[1] + 5, lo[2] : lo[2] + 7] = rng.random((9, 5, 7)) > 0.4
     start, box = pre.invert_mask_box(blob)
     expected_start, expected_box = bounding_box(pre.invert_mask(blob))
     assert start == expected_start
     np.testing.assert_array_equal(box, expected_box)
     empty_start, empty = pre.invert_mask_box(np.zeros(pre.shape, dtype=bool))
     assert empty.shape == (0, 0, 0)
+
+
+def test_non_separable_inversion_falls_back_to_monai(tiny_model, monkeypatch, tmp_path):
+    """Where the per-axis maps cannot describe the inversion (``InverseIndex.of`` gives None: a rotation between the
+    grids, or a preprocessing chain it does not know), the engine inverts with MONAI's inverse transform and its
+    masks are those of the per-axis path, voxel for voxel, boxes placed where they belong."""
+    import UniversalSegLib.preprocessing as preprocessing
+
+    image = sitk.ReadImage(str(shared_path("data", "ct", "totalseg_abdomen", "ct_upper_slab.nii.gz")))
+    path = tmp_path / "crop.nii.gz"
+    sitk.WriteImage(_reoriented(image[:, :, 10:22], (2, 0, 1), (True, False, True)), str(path))  # body and air
+    wanted = [6, 1]
+    engine = Engine(tiny_model)
+    per_axis = engine.segment(path, wanted)
+    calls = []
+    original = preprocessing.InverseIndex.of
+    not_separable = classmethod(lambda cls, pre: calls.append(original(pre)) and None)
+    monkeypatch.setattr(preprocessing.InverseIndex, "of", not_separable)
+    fallback = engine.segment(path, wanted)
+    assert calls and calls[0] is not None  # the separable path was really replaced by the fallback
+    for c in wanted:
+        expected = per_axis.mask_array(c).astype(bool)
+        assert expected.any() and not expected.all()  # a real mask with a boundary, not all or nothing
+        np.testing.assert_array_equal(fallback.mask_array(c).astype(bool), expected, err_msg=CATALOG[c].name)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -290,14 +332,22 @@ def test_engine_equals_straightforward_pipeline(tiny_model):
     path = shared_path("data", "ct", "totalseg_abdomen", "ct_upper_slab.nii.gz")
     wanted = [6, 1, 26]  # liver, spleen, kidney tumour (needs both kidneys)
     engine = Engine(tiny_model, SegmentationOptions(device="cpu"))
+    started = time.perf_counter()
     result = engine.segment(path, wanted)
+    wall = time.perf_counter() - started
     assert result.settings["precision"] == "float32" and result.settings["backend"] in ("torch", "openvino")
     assert set(result.masks) == set(wanted)
-    assert "windows_network" in result.timings and result.timings["total"] < sum(result.timings.values())
+    timings = result.timings
+    stages = ("read", "preprocess", "windows", "postprocess", "resample")
+    assert all(timings[s] >= 0 for s in stages)
+    assert timings["total"] == pytest.approx(sum(timings[s] for s in stages))  # the stages, each counted once
+    assert 0 < timings["windows_network"] <= timings["windows"] and 0 < timings["total"] <= wall
 
     pre = preprocess(sitk.ReadImage(str(path)))
     computed = sorted(set(wanted) | dependencies(wanted))
-    logits = SlidingWindowSegmenter(tiny_model, backend="torch")(pre.image[None], tiny_model.embeddings_for(computed))[0]
+    logits = SlidingWindowSegmenter(tiny_model, backend="torch")(pre.image[None], tiny_model.embeddings_for(computed))[
+        0
+    ]
     masks = {c: (torch.sigmoid(logits[n]) > 0.5).numpy() for n, c in enumerate(computed)}
     masks = postprocess(masks, PostprocessOptions())
     for c in wanted:

@@ -3,6 +3,7 @@
 This runs the full-size U-Net over 15 windows of a real CT: a few minutes of CPU. It is part of the default
 test run (marked ``slow``; deselect with ``-m "not slow"``).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,10 +40,13 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * np.logical_and(a, b).sum() / total
 
 
-@pytest.mark.parametrize("variant,options,min_dice", [
-    ("raw", PostprocessOptions.none(), 0.999),
-    ("post", PostprocessOptions(), 0.99),
-])
+@pytest.mark.parametrize(
+    "variant,options,min_dice",
+    [
+        ("raw", PostprocessOptions.none(), 0.999),
+        ("post", PostprocessOptions(), 0.99),
+    ],
+)
 def test_reproduces_published_masks(prediction_and_engine, variant, options, min_dice):
     prediction, engine = prediction_and_engine
     assert prediction.preprocessed.shape == (241, 191, 59)  # upstream's preprocessed shape (summary.json)

@@ -5,14 +5,13 @@ Arrays are (X, Y, Z) in RAS array order: a larger x index is further to the pati
 
 from __future__ import annotations
 
-import os
 from dataclasses import fields, replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import shared_path
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.postprocess import (
     LARGEST_COMPONENT_CLASSES,
@@ -22,24 +21,14 @@ from UniversalSegLib.postprocess import (
     postprocess,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHAPE = (40, 40, 30)
 CUBE = np.ones((3, 3, 3), dtype=bool)
 SEPARATION = replace(PostprocessOptions(), lung_separation=True)  # earlier upstream revision's lung check (option)
 
 
-def _shared(rel: str) -> Path:
-    p = SHARED / rel
-    if not p.exists():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"reference data missing: {p}")
-        pytest.skip(f"reference data missing: {p}")
-    return p
-
-
 def box(x: tuple[int, int], y: tuple[int, int], z: tuple[int, int], shape=SHAPE) -> np.ndarray:
     m = np.zeros(shape, dtype=bool)
-    m[x[0]:x[1], y[0]:y[1], z[0]:z[1]] = True
+    m[x[0] : x[1], y[0] : y[1], z[0] : z[1]] = True
     return m
 
 
@@ -300,9 +289,20 @@ def test_bad_input_is_a_clear_error():
 
 
 # ----------------------------------------------------------------------------------------------- fixture
-FIXTURE_NAMES = {1: "Spleen", 2: "Right Kidney", 3: "Left Kidney", 7: "Stomach", 8: "Aorta", 11: "Pancreas",
-                 21: "Bladder", 6: "Liver", 26: "Kidney Tumor", 10: "Portal Vein and Splenic Vein",
-                 16: "Right Lung", 17: "Left Lung"}
+FIXTURE_NAMES = {
+    1: "Spleen",
+    2: "Right Kidney",
+    3: "Left Kidney",
+    7: "Stomach",
+    8: "Aorta",
+    11: "Pancreas",
+    21: "Bladder",
+    6: "Liver",
+    26: "Kidney Tumor",
+    10: "Portal Vein and Splenic Vein",
+    16: "Right Lung",
+    17: "Left Lung",
+}
 
 
 def test_upstream_fixture_dice():
@@ -316,7 +316,7 @@ def test_upstream_fixture_dice():
     """
     import SimpleITK as sitk
 
-    root = _shared("reference/pipeline")
+    root = shared_path("reference", "pipeline")
 
     def load(kind: str, name: str) -> np.ndarray:
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(root / kind / f"{name}.nii.gz")))

@@ -1,6 +1,6 @@
 """Model registry: the shipped entries, name lookup, local paths, bundled models, licence gate and cache status.
 
-Downloads go to the real HTTP server of ``test_download.py`` (``http_server`` fixture) on 127.0.0.1.
+Downloads go to a real HTTP server on 127.0.0.1 (``http_server`` fixture in ``conftest.py``).
 """
 
 from __future__ import annotations
@@ -8,17 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the server fixture lives in test_download.py
-from test_download import http_server  # noqa: E402,F401  (pytest fixture)
-
-from UniversalSegLib import download as dl  # noqa: E402
-from UniversalSegLib.errors import CheckpointError, DownloadError, InputError  # noqa: E402
-from UniversalSegLib.registry import (  # noqa: E402
+from UniversalSegLib import download as dl
+from UniversalSegLib.errors import CheckpointError, DownloadError, InputError
+from UniversalSegLib.registry import (
     ACCEPT_LICENCE_ENV,
     DEFAULT_MODEL,
     ModelEntry,
@@ -78,18 +74,25 @@ def served(http_server):
 # ------------------------------------------------------------------------------------------ shipped registry
 
 
-def test_default_registry_lists_the_official_checkpoints():
+def test_official_checkpoints_need_their_licence_and_default_model_runs_offline(tmp_path):
+    """What the shipped entries make the registry do: the official checkpoints (CC BY-NC-ND 4.0) are refused until
+    their licence is accepted, before any network access, and are cached under the file names their host uses; the
+    default model resolves without any network."""
     registry = ModelRegistry.default()
-    unet, swin = registry.get("universal-unet"), registry.get("universal-swinunetr")
-    assert (unet.architecture, swin.architecture) == ("unet", "swinunetr")
-    assert unet.url == HF + "clip_driven_universal_unet.pth" and unet.filename == "clip_driven_universal_unet.pth"
-    assert swin.url == HF + "clip_driven_universal_swin_unetr.pth"
-    assert swin.filename == "clip_driven_universal_swin_unetr.pth"
-    for entry in (unet, swin):
-        assert (entry.licence, entry.licence_url, entry.kind) == (CC, CC_URL, "segmentation")
-        assert entry.requires_licence_acceptance and entry.bundled_path is None
-    assert DEFAULT_MODEL in registry and registry.get(DEFAULT_MODEL).kind == "segmentation"
+    for name, filename in (
+        ("universal-unet", "clip_driven_universal_unet.pth"),
+        ("universal-swinunetr", "clip_driven_universal_swin_unetr.pth"),
+    ):
+        with pytest.raises(InputError) as info:
+            registry.resolve(name)
+        assert CC in str(info.value) and CC_URL in str(info.value) and "--accept-licence" in str(info.value)
+        manual = registry.download_path(name)
+        assert manual.name == filename and registry.cached_path(name) is None
+        with pytest.raises(InputError, match=f"universalseg download {name}"):
+            registry.resolve(name, download=False, accept_licence=True)
     assert registry.names("segmentation")[:2] == ["universal-unet", "universal-swinunetr"]
+    default = registry.resolve(DEFAULT_MODEL)  # bundled: no download, no licence question
+    assert default.is_file() and registry.get(DEFAULT_MODEL).kind == "segmentation"
 
 
 def test_default_registry_text_encoder_matches_open_clip():
@@ -229,8 +232,13 @@ def test_bundled_model_resolves_without_network(tmp_path, http_server):
     (data_dir / "models" / "tiny.pt").write_bytes(b"tiny weights")
     registry = _registry(
         tmp_path,
-        _entry(name="universalseg-tiny", bundled_path="models/tiny.pt", filename="tiny.pt",
-               licence="Apache-2.0", requires_licence_acceptance=False),
+        _entry(
+            name="universalseg-tiny",
+            bundled_path="models/tiny.pt",
+            filename="tiny.pt",
+            licence="Apache-2.0",
+            requires_licence_acceptance=False,
+        ),
         data_dir=data_dir,
     )
     assert registry.resolve("universalseg-tiny") == data_dir / "models" / "tiny.pt"

@@ -4,6 +4,7 @@ Scenes are set up as Slicer does at start-up (:func:`UniversalSeg.createHeadless
 ``../shared`` loaded through ``vtkSlicerVolumesLogic``. Engine results are either written with the engine's own
 writers (fast, exact masks chosen by the test) or produced by the real command line with a tiny random-weight model.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,22 +21,20 @@ import pytest
 import SimpleITK as sitk
 import vtk
 
-from conftest import REPO, shared_path
+from conftest import REPO, require_slicer_core, shared_path
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) provides the MRML library")
-if not hasattr(slicer, "vtkMRMLSegmentationNode"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+slicer = require_slicer_core()  # skips without slicer-core; fails in CI
 
 sys.path.insert(0, str(REPO / "UniversalSeg"))
 import UniversalSeg as US  # noqa: E402  (the module script, importable without the Slicer application)
-
 from UniversalSegLib.catalog import ClassCatalog  # noqa: E402
 from UniversalSegLib.imageio import read_seg_nrrd, write_seg_nrrd, write_summary  # noqa: E402
 from UniversalSegLib.result import CroppedMask, ImageGeometry, SegmentationResult  # noqa: E402
 
 CATALOG = ClassCatalog.default()
 LIVER, SPLEEN, STOMACH, AORTA, LIVER_TUMOR, KIDNEY_CYST = (
-    CATALOG.lookup(n).index for n in ("liver", "spleen", "stomach", "aorta", "liver tumor", "kidney cyst"))
+    CATALOG.lookup(n).index for n in ("liver", "spleen", "stomach", "aorta", "liver tumor", "kidney cyst")
+)
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
@@ -94,12 +93,20 @@ def box_mask(shape, z=slice(None), y=slice(None), x=slice(None)) -> np.ndarray:
     return mask
 
 
-def write_result(folder: Path, ct_path: Path, masks: dict[int, np.ndarray], model: str = "synthetic-model") -> tuple[Path, Path]:
+def write_result(
+    folder: Path, ct_path: Path, masks: dict[int, np.ndarray], model: str = "synthetic-model"
+) -> tuple[Path, Path]:
     """Write masks as the engine does for the module (one .seg.nrrd + summary), on the CT file's grid."""
     geometry = ImageGeometry.of(sitk.ReadImage(str(ct_path)))
-    result = SegmentationResult(geometry=geometry, masks={i: CroppedMask.from_full(m) for i, m in masks.items()},
-                                catalog=CATALOG, model_name=model, model_licence="test licence", device="cpu",
-                                settings={"threshold": 0.5, "overlap": 0.5, "fast": False})
+    result = SegmentationResult(
+        geometry=geometry,
+        masks={i: CroppedMask.from_full(m) for i, m in masks.items()},
+        catalog=CATALOG,
+        model_name=model,
+        model_licence="test licence",
+        device="cpu",
+        settings={"threshold": 0.5, "overlap": 0.5, "fast": False},
+    )
     segmentation = write_seg_nrrd(result, folder / "segmentation.seg.nrrd")
     summary = write_summary(result, folder / "summary.json")
     return summary, segmentation
@@ -126,7 +133,8 @@ def edit_segment(logic, segmentation_node, segment_id, volume, new_mask: np.ndar
     """Change a segment's voxels through the MRML API, as the Segment Editor's effects do."""
     labelmap = US._orientedImageFromMask(new_mask, US._ijkToRas(volume))
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        labelmap, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+        labelmap, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+    )
 
 
 def new_segmentation(headless, name="Segmentation"):
@@ -261,12 +269,16 @@ def test_fingerprint_ignores_storage_but_sees_every_voxel(headless, ct_crop, tmp
     logic.markSegmentReviewed(node, spleen_id)
     assert logic.segmentState(node, spleen_id) == US.STATE_REVIEWED
     spleen_segment = segmentation.GetSegment(spleen_id)
-    assert slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentStatus(spleen_segment) == \
-        slicer.vtkSlicerSegmentationsModuleLogic.Completed
+    assert (
+        slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentStatus(spleen_segment)
+        == slicer.vtkSlicerSegmentationsModuleLogic.Completed
+    )
     logic.markSegmentReviewed(node, spleen_id, reviewed=False)
     assert logic.segmentState(node, spleen_id) == US.STATE_AI
     # the Segment Editor's "Completed" status alone also counts as reviewed
-    slicer.vtkSlicerSegmentationsModuleLogic.SetSegmentStatus(spleen_segment, slicer.vtkSlicerSegmentationsModuleLogic.Completed)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetSegmentStatus(
+        spleen_segment, slicer.vtkSlicerSegmentationsModuleLogic.Completed
+    )
     assert logic.segmentState(node, spleen_id) == US.STATE_REVIEWED
     assert logic.segmentStates(node) == {liver_id: "ai", spleen_id: "reviewed", "notes": "manual"}
 
@@ -347,8 +359,9 @@ def test_overwrite_replaces_edited_reviewed_and_manual(headless, ct_crop, tmp_pa
     volume, logic, node, first, _edited, _own, run_b = _first_run(headless, ct_crop, tmp_path)
     node.GetSegmentation().GetSegment(first.segmentIds[LIVER]).SetName("my liver")
 
-    report = logic.importEngineOutput(volume, node, *write_result(tmp_path / "b", ct_crop, run_b, model="model-b"),
-                                      overwrite=True)
+    report = logic.importEngineOutput(
+        volume, node, *write_result(tmp_path / "b", ct_crop, run_b, model="model-b"), overwrite=True
+    )
 
     assert sorted(report.replaced) == ["Liver", "Spleen", "Stomach"]
     assert report.updated == ["Liver Tumor"] and report.added == ["Aorta"] and not report.kept
@@ -365,8 +378,10 @@ def test_overwrite_replaces_edited_reviewed_and_manual(headless, ct_crop, tmp_pa
     assert report.segmentIds[STOMACH] == "my_stomach"  # the user's segment became the class's segment
     assert segmentation.GetSegment(report.segmentIds[LIVER]).GetName() == "Liver"  # replaced: catalog name again
     spleen = segmentation.GetSegment(report.segmentIds[SPLEEN])
-    assert slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentStatus(spleen) != \
-        slicer.vtkSlicerSegmentationsModuleLogic.Completed
+    assert (
+        slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentStatus(spleen)
+        != slicer.vtkSlicerSegmentationsModuleLogic.Completed
+    )
 
 
 def test_seg_nrrd_save_and_reload(headless, ct_crop, tmp_path):
@@ -386,8 +401,12 @@ def test_seg_nrrd_save_and_reload(headless, ct_crop, tmp_path):
     other_logic = US.UniversalSegLogic(other.scene)
     segmentation = reloaded.GetSegmentation()
     assert segmentation.GetNumberOfSegments() == node.GetSegmentation().GetNumberOfSegments() == 4
-    expected_states = {first.segmentIds[LIVER]: "edited", first.segmentIds[SPLEEN]: "reviewed",
-                       first.segmentIds[LIVER_TUMOR]: "ai", "my_stomach": "manual"}
+    expected_states = {
+        first.segmentIds[LIVER]: "edited",
+        first.segmentIds[SPLEEN]: "reviewed",
+        first.segmentIds[LIVER_TUMOR]: "ai",
+        "my_stomach": "manual",
+    }
     assert other_logic.segmentStates(reloaded) == expected_states
     assert other_logic.moduleSegments(reloaded) == {i: first.segmentIds[i] for i in (LIVER, SPLEEN, LIVER_TUMOR)}
     for segment_id in expected_states:
@@ -396,8 +415,9 @@ def test_seg_nrrd_save_and_reload(headless, ct_crop, tmp_path):
         assert segment.GetName() == original.GetName()
         assert segment.GetColor() == pytest.approx(original.GetColor(), abs=1e-6)
         assert logic.segmentProvenance(node, segment_id) == other_logic.segmentProvenance(reloaded, segment_id)
-        assert np.array_equal(other_logic.segmentArray(reloaded, segment_id, other_volume),
-                              logic.segmentArray(node, segment_id, volume))
+        assert np.array_equal(
+            other_logic.segmentArray(reloaded, segment_id, other_volume), logic.segmentArray(node, segment_id, volume)
+        )
     assert np.array_equal(other_logic.segmentArray(reloaded, first.segmentIds[LIVER], other_volume), edited_liver)
     # the same file as the engine's reader (slicerio) sees it: names and terminology per segment
     read_back = {s["id"]: s for s in read_seg_nrrd(path)["segments"]}
@@ -409,18 +429,25 @@ def test_seg_nrrd_save_and_reload(headless, ct_crop, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ parameters
 def test_parameters_validate_and_build_the_command():
-    params = US.SegmentationParameters(classes=["Liver", "IVC", "left kidney"], prompt="both lungs", device="cpu",
-                                       fast=True, threshold=0.4, lungSplit=False, tumorFilter=False)
+    params = US.SegmentationParameters(
+        classes=["Liver", "IVC", "left kidney"],
+        prompt="both lungs",
+        device="cpu",
+        fast=True,
+        threshold=0.4,
+        split_lungs=False,
+        keep_tumors_inside_organs=False,
+    )
     params.validate()
-    args = params.commandArguments()
+    args = params.to_cli_args()
     assert args[args.index("--classes") + 1] == "left_kidney,liver,postcava"
     assert args[args.index("--prompt") + 1] == "both lungs"
     assert args[args.index("--threshold") + 1] == "0.4"
-    assert "--fast" in args and "--no-lung-split" in args and "--no-tumor-filter" in args
-    assert "--no-largest-component" not in args and "--no-postprocess" not in args and "--overlap" not in args
+    assert "--fast" in args and "--no-split-lungs" in args and "--no-keep-tumors-inside-organs" in args
+    assert "--no-keep-largest-component" not in args and "--no-postprocess" not in args and "--overlap" not in args
     assert "--accept-licence" not in args
-    off = US.SegmentationParameters(classes=["all"], postprocess=False, lungSplit=False, overlap=0.25).commandArguments()
-    assert off[off.index("--classes") + 1] == "all" and "--no-postprocess" in off and "--no-lung-split" not in off
+    off = US.SegmentationParameters(classes=["all"], postprocess=False, overlap=0.25).to_cli_args()
+    assert off[off.index("--classes") + 1] == "all" and "--no-postprocess" in off and "--no-split-lungs" not in off
     assert off[off.index("--overlap") + 1] == "0.25"
     for bad, message in (
         (dict(), "nothing to segment"),
@@ -444,11 +471,18 @@ def test_gui_helpers_presets_prompt_preview_and_models(headless):
     assert "liver" in presets["Abdominal organs"] and "right_lung" not in presets["Abdominal organs"]
     items = logic.describePrompt("IVC and lft kidny, pancraes; banana")
     assert [(i["text"], i["classes"], i["accepted"]) for i in items] == [
-        ("IVC", ["Postcava"], True), ("lft kidny", ["Left Kidney"], True), ("pancraes", ["Pancreas"], True),
-        ("banana", [], False)]
+        ("IVC", ["Postcava"], True),
+        ("lft kidny", ["Left Kidney"], True),
+        ("pancraes", ["Pancreas"], True),
+        ("banana", [], False),
+    ]
     assert items[0]["method"] == "synonym" and items[1]["method"] == "fuzzy"
     assert [c.name for c in logic.requestedClasses(["spleen"], "IVC and both kidneys")] == [
-        "Spleen", "Right Kidney", "Left Kidney", "Postcava"]
+        "Spleen",
+        "Right Kidney",
+        "Left Kidney",
+        "Postcava",
+    ]
     rows = logic.modelChoices()
     assert [r["name"] for r in rows if r["default"]] == [US.DEFAULT_MODEL]
     assert all(r["kind"] == "segmentation" for r in rows)
@@ -481,10 +515,12 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX process groups")
 def test_cancel_kills_the_whole_process_tree():
-    script = ("import subprocess, sys, time\n"
-              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-              "print(child.pid, flush=True)\n"
-              "time.sleep(120)\n")
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
     lines: list[str] = []
     process = US.EngineProcess([sys.executable, "-c", script], onStdoutLine=lines.append, graceSeconds=2.0)
     deadline = time.monotonic() + 20
@@ -523,9 +559,17 @@ def test_end_to_end_with_the_real_command_line(headless, ct_crop, tiny_model):
     logic.keepTemporaryFiles = True
     progress: list[tuple[float, str]] = []
     log: list[str] = []
-    task = logic.startSegmentation(volume, None, classes=["liver", "aorta"], prompt="IVC", model=str(tiny_model),
-                                   device="cpu", fast=True, onProgress=lambda f, s: progress.append((f, s)),
-                                   onLog=log.append)
+    task = logic.startSegmentation(
+        volume,
+        None,
+        classes=["liver", "aorta"],
+        prompt="IVC",
+        model=str(tiny_model),
+        device="cpu",
+        fast=True,
+        onProgress=lambda f, s: progress.append((f, s)),
+        onLog=log.append,
+    )
     try:
         report = task.wait(timeout=240)
         node = task.outputSegmentation
@@ -546,7 +590,9 @@ def test_end_to_end_with_the_real_command_line(headless, ct_crop, tiny_model):
             assert tag(segment, slicer.vtkSegment.GetTerminologyEntryTagName()) == CATALOG.slicer_terminology(info)
             assert tag(segment, US.TAG_MODEL) == "tiny-test"
             assert np.array_equal(labelmap_geometry(node, segment_id), ijk_to_ras(volume))
-            assert np.array_equal(logic.segmentArray(node, segment_id, volume), engine[info.file_stem]["mask"]), info.name
+            assert np.array_equal(logic.segmentArray(node, segment_id, volume), engine[info.file_stem]["mask"]), (
+                info.name
+            )
     finally:
         import shutil
 
@@ -556,8 +602,15 @@ def test_end_to_end_with_the_real_command_line(headless, ct_crop, tiny_model):
     logic.keepTemporaryFiles = False
     before = {sid: logic.segmentFingerprint(node, sid) for sid in US._segmentIds(node.GetSegmentation())}
     started: list[float] = []
-    task = logic.startSegmentation(volume, node, classes=["spleen"], model=str(tiny_model), device="cpu", fast=True,
-                                   onProgress=lambda f, s: started.append(f))
+    task = logic.startSegmentation(
+        volume,
+        node,
+        classes=["spleen"],
+        model=str(tiny_model),
+        device="cpu",
+        fast=True,
+        onProgress=lambda f, s: started.append(f),
+    )
     deadline = time.monotonic() + 120
     while not started and not task.poll() and time.monotonic() < deadline:
         time.sleep(0.05)

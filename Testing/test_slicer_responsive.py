@@ -7,6 +7,7 @@
   node reads, and edited segments are kept (defect 6);
 * ``cleanup()`` stops the poll timer and cancels a running engine (9a); Windows cancel opens no console (9b).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -17,15 +18,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, shared_path
+from conftest import REPO, require_slicer_core, shared_path
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) provides the MRML library")
-if not hasattr(slicer, "vtkMRMLSegmentationNode"):
-    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+slicer = require_slicer_core()  # skips without slicer-core; fails in CI
 
 sys.path.insert(0, str(REPO / "UniversalSeg"))
 import UniversalSeg as US  # noqa: E402
-
 from UniversalSegLib.catalog import ClassCatalog  # noqa: E402
 from UniversalSegLib.imageio import write_seg_nrrd, write_summary  # noqa: E402
 from UniversalSegLib.result import CroppedMask, ImageGeometry, SegmentationResult  # noqa: E402
@@ -53,9 +51,15 @@ def box(shape, z, y, x):
 
 def engine_files(folder, ct_path, masks, model="synthetic-model"):
     geometry = ImageGeometry.of(sitk.ReadImage(str(ct_path)))
-    result = SegmentationResult(geometry=geometry, masks={i: CroppedMask.from_full(m) for i, m in masks.items()},
-                                catalog=CATALOG, model_name=model, model_licence="test", device="cpu",
-                                settings={"threshold": 0.5})
+    result = SegmentationResult(
+        geometry=geometry,
+        masks={i: CroppedMask.from_full(m) for i, m in masks.items()},
+        catalog=CATALOG,
+        model_name=model,
+        model_licence="test",
+        device="cpu",
+        settings={"threshold": 0.5},
+    )
     return write_summary(result, folder / "summary.json"), write_seg_nrrd(result, folder / "segmentation.seg.nrrd")
 
 
@@ -64,9 +68,11 @@ def imported(ct_crop, tmp_path):
     headless = US.createHeadlessScene()
     volume = headless.logics["Volumes"].AddArchetypeVolume(str(ct_crop), "CT")
     shape = volume.GetImageData().GetDimensions()[::-1]
-    masks = {LIVER: box(shape, slice(2, 20), slice(5, 30), slice(3, 25)),
-             SPLEEN: box(shape, slice(8, 16), slice(10, 20), slice(30, 45)),
-             LIVER_TUMOR: box(shape, slice(6, 9), slice(10, 14), slice(8, 12))}
+    masks = {
+        LIVER: box(shape, slice(2, 20), slice(5, 30), slice(3, 25)),
+        SPLEEN: box(shape, slice(8, 16), slice(10, 20), slice(30, 45)),
+        LIVER_TUMOR: box(shape, slice(6, 9), slice(10, 14), slice(8, 12)),
+    }
     logic = US.UniversalSegLogic(headless.scene)
     node = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "AI")
     files = engine_files(tmp_path, ct_crop, masks)
@@ -77,7 +83,8 @@ def imported(ct_crop, tmp_path):
 def set_mask(node, segment_id, volume, mask):
     labelmap = US.orientedImageFromMask(mask, US.ijkToRas(volume))
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-        labelmap, node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+        labelmap, node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+    )
 
 
 # ------------------------------------------------------------------------------------------ defect 4: prompt
@@ -93,7 +100,7 @@ class FakeTextEdit:
         self.textChanged()
 
     def type(self, key):
-        self.text = self.text[:self.cursor] + key + self.text[self.cursor:]
+        self.text = self.text[: self.cursor] + key + self.text[self.cursor :]
         self.cursor += 1
         self.textChanged()
 
@@ -148,7 +155,10 @@ def test_edit_events_read_no_voxels_and_edits_are_found_on_demand(imported, monk
 
     monkeypatch.setattr(segments, "segmentFingerprint", forbidden)
     assert {row.segmentId: row.state for row in logic.segmentReview(node, verify=False)} == {
-        liver_id: "ai", spleen_id: "ai", report.segmentIds[LIVER_TUMOR]: "ai"}  # known since the import
+        liver_id: "ai",
+        spleen_id: "ai",
+        report.segmentIds[LIVER_TUMOR]: "ai",
+    }  # known since the import
     assert not any(logic.segmentChanged(node, sid) for sid in US.segmentIds(node.GetSegmentation()))
 
     edited = masks[LIVER].copy()
@@ -208,10 +218,12 @@ def test_import_runs_in_steps_of_one_segment(ct_crop, tmp_path):
     headless = US.createHeadlessScene()
     volume = headless.logics["Volumes"].AddArchetypeVolume(str(ct_crop), "CT")
     shape = volume.GetImageData().GetDimensions()[::-1]
-    masks = {LIVER: box(shape, slice(2, 20), slice(5, 30), slice(3, 25)),
-             LIVER_TUMOR: box(shape, slice(6, 9), slice(10, 14), slice(8, 12)),  # overlap: a second file layer
-             SPLEEN: box(shape, slice(8, 16), slice(10, 20), slice(30, 45)),
-             AORTA: np.zeros(shape, dtype=bool)}
+    masks = {
+        LIVER: box(shape, slice(2, 20), slice(5, 30), slice(3, 25)),
+        LIVER_TUMOR: box(shape, slice(6, 9), slice(10, 14), slice(8, 12)),  # overlap: a second file layer
+        SPLEEN: box(shape, slice(8, 16), slice(10, 20), slice(30, 45)),
+        AORTA: np.zeros(shape, dtype=bool),
+    }
     summary, seg_path = engine_files(tmp_path, ct_crop, masks)
     logic = US.UniversalSegLogic(headless.scene)
     node = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "AI")
@@ -244,8 +256,9 @@ def test_import_runs_in_steps_of_one_segment(ct_crop, tmp_path):
         assert np.array_equal(logic.segmentArray(node, segment_id, volume), mask)
         assert np.array_equal(logic.segmentArray(reference, CATALOG[index].file_stem, volume), mask)
         assert other.segmentState(node, segment_id) == US.STATE_AI
-        assert other.segmentFingerprint(node, segment_id) == US.getTag(node.GetSegmentation().GetSegment(segment_id),
-                                                                       US.TAG_FINGERPRINT)
+        assert other.segmentFingerprint(node, segment_id) == US.getTag(
+            node.GetSegmentation().GetSegment(segment_id), US.TAG_FINGERPRINT
+        )
 
     # an uncompressed file written by Slicer's storage node reads the same
     raw = tmp_path / "slicer.seg.nrrd"
@@ -261,7 +274,7 @@ def test_import_runs_in_steps_of_one_segment(ct_crop, tmp_path):
         if read[index].crop is not None:
             i, j, k = read[index].start
             c = read[index].crop
-            full[k:k + c.shape[0], j:j + c.shape[1], i:i + c.shape[2]] = c
+            full[k : k + c.shape[0], j : j + c.shape[1], i : i + c.shape[2]] = c
         assert np.array_equal(full, mask), CATALOG[index].name
 
 
@@ -272,8 +285,10 @@ def test_stepwise_rerun_keeps_the_edited_segment(imported, ct_crop, tmp_path):
     edited[:, :12] = False
     set_mask(node, liver_id, volume, edited)
     shape = edited.shape
-    again = {LIVER: box(shape, slice(1, 22), slice(4, 32), slice(2, 27)),
-             SPLEEN: box(shape, slice(7, 17), slice(9, 22), slice(28, 46))}
+    again = {
+        LIVER: box(shape, slice(1, 22), slice(4, 32), slice(2, 27)),
+        SPLEEN: box(shape, slice(7, 17), slice(9, 22), slice(28, 46)),
+    }
     (tmp_path / "b").mkdir()
     rerun = US._runSteps(logic.importSteps(volume, node, *engine_files(tmp_path / "b", ct_crop, again, "model-b")))
     assert rerun.keptEdited == ["Liver"] and rerun.updated == ["Spleen"]

@@ -12,10 +12,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "UniversalSeg"))
 
+from conftest import require_slicer_core  # noqa: E402
 from UniversalSegLib.catalog import ClassCatalog  # noqa: E402
 from UniversalSegSlicerLib import terminology  # noqa: E402
 
-slicer = pytest.importorskip("slicer")
+slicer = require_slicer_core()  # skips without slicer-core; fails in CI
 CATALOG = ClassCatalog.default()
 
 
@@ -57,8 +58,11 @@ def test_every_class_resolves_in_the_shipped_file(logic):
     for info in CATALOG:
         assert info.terminology_context == terminology.TERMINOLOGY_CONTEXT, info.name
         found = _resolve(logic, info.terminology_context, info.category, info.type, info.type_modifier)
-        assert found == (info.category.meaning, info.type.meaning,
-                         info.type_modifier.meaning if info.type_modifier else ""), info.name
+        assert found == (
+            info.category.meaning,
+            info.type.meaning,
+            info.type_modifier.meaning if info.type_modifier else "",
+        ), info.name
     # the tag the module writes parses back to the same codes with Slicer's own deserializer
     entry = slicer.vtkSlicerTerminologyEntry()
     femoral_head = CATALOG.lookup("left_head_of_femur")
@@ -78,7 +82,8 @@ def test_resolution_check_can_fail(logic):
 
 def test_shipped_file_is_generated_from_the_catalog():
     assert terminology.TERMINOLOGY_FILE.read_text(encoding="utf-8") == terminology.terminology_text(), (
-        "run `python UniversalSeg/UniversalSegSlicerLib/terminology.py` after editing the class catalog")
+        "run `python UniversalSeg/UniversalSegSlicerLib/terminology.py` after editing the class catalog"
+    )
     doc = json.loads(terminology.TERMINOLOGY_FILE.read_text(encoding="utf-8"))
     assert doc["SegmentationCategoryTypeContextName"] == terminology.TERMINOLOGY_CONTEXT
     tumours = next(c for c in doc["SegmentationCodes"]["Category"] if c["CodeValue"] == "49755003")

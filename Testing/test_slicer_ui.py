@@ -6,6 +6,7 @@
   of a type that ``slicer.parameterNodeWrapper`` can connect to that widget class;
 * the extension's CMake files, icons and catalog entry (the requirements it installs: test_slicer_dependencies.py).
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,7 +18,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "UniversalSeg" / "UniversalSeg.py"
@@ -45,8 +45,13 @@ EXPECTED_CLASSES = {
 }
 # Which (widget class, parameter type) pairs slicer.parameterNodeWrapper's GUI connectors handle.
 CONNECTABLE = {
-    ("QCheckBox", "bool"), ("QComboBox", "choice"), ("ctkSliderWidget", "bounded float"),
-    ("QDoubleSpinBox", "bounded float"), ("QTextEdit", "str"), ("QLineEdit", "str"), ("QSpinBox", "int"),
+    ("QCheckBox", "bool"),
+    ("QComboBox", "choice"),
+    ("ctkSliderWidget", "bounded float"),
+    ("QDoubleSpinBox", "bounded float"),
+    ("QTextEdit", "str"),
+    ("QLineEdit", "str"),
+    ("QSpinBox", "int"),
     ("qMRMLNodeComboBox", "node"),
 }
 
@@ -77,8 +82,13 @@ def ui_names_used(tree: ast.Module) -> set[str]:
     """Every ``<name>`` in ``self.ui.<name>`` in the module source."""
     names = set()
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui"
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+        ):
             names.add(node.attr)
     return names
 
@@ -144,8 +154,17 @@ def test_every_widget_the_code_uses_exists(ui_widgets, module_ast):
 
 def test_parameter_bound_widgets_match_the_parameter_node(ui_widgets, module_ast):
     kinds = parameter_kinds(module_ast)
-    assert {"inputVolume", "outputSegmentation", "prompt", "device", "quality", "overlap", "threshold",
-            "postprocess", "overwrite"} <= set(kinds)
+    assert {
+        "inputVolume",
+        "outputSegmentation",
+        "prompt",
+        "device",
+        "quality",
+        "overlap",
+        "threshold",
+        "postprocess",
+        "overwrite",
+    } <= set(kinds)
     bound = {}
     for name, widget in ui_widgets.items():
         parameter = string_property(widget, "SlicerParameterName")
@@ -165,7 +184,12 @@ def test_prompt_and_class_picker_are_usable(ui_widgets):
     assert string_property(ui_widgets["promptTextEdit"], "placeholderText")
     acceptRichText = [p for p in ui_widgets["promptTextEdit"].findall("property") if p.get("name") == "acceptRichText"]
     assert acceptRichText and acceptRichText[0].findtext("bool") == "false"
-    for button in ("presetAllOrgansButton", "presetAbdominalOrgansButton", "presetAllTumorsButton", "presetClearButton"):
+    for button in (
+        "presetAllOrgansButton",
+        "presetAbdominalOrgansButton",
+        "presetAllTumorsButton",
+        "presetClearButton",
+    ):
         assert string_property(ui_widgets[button], "text")
     assert string_property(ui_widgets["applyButton"], "text") == "Segment"
 
@@ -186,7 +210,10 @@ def test_extension_cmake_and_metadata():
     assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"] and entry["scm_url"]
     from PIL import Image
 
-    for icon in (REPO / "UniversalSegExtension" / "UniversalSeg.png", REPO / "UniversalSeg" / "Resources" / "Icons" / "UniversalSeg.png"):
+    for icon in (
+        REPO / "UniversalSegExtension" / "UniversalSeg.png",
+        REPO / "UniversalSeg" / "Resources" / "Icons" / "UniversalSeg.png",
+    ):
         with Image.open(icon) as image:
             assert image.format == "PNG" and image.size == (128, 128), icon
 
@@ -229,8 +256,15 @@ add_subdirectory({(REPO / "UniversalSeg").as_posix()} UniversalSeg)
     scripts = set((build / "scripts.txt").read_text().split())
     engine = REPO / "UniversalSegLib"
     package = REPO / "UniversalSeg" / "UniversalSegSlicerLib"
-    expected = {"UniversalSeg.py"} | {f"UniversalSegSlicerLib/{p.name}" for p in package.glob("*.py")} | {
-        "UniversalSegLib/" + p.relative_to(engine).as_posix() for p in engine.rglob("*.py") if "__pycache__" not in p.parts}
+    expected = (
+        {"UniversalSeg.py"}
+        | {f"UniversalSegSlicerLib/{p.name}" for p in package.glob("*.py")}
+        | {
+            "UniversalSegLib/" + p.relative_to(engine).as_posix()
+            for p in engine.rglob("*.py")
+            if "__pycache__" not in p.parts
+        }
+    )
     assert {"UniversalSegSlicerLib/process.py", "UniversalSegSlicerLib/segments.py"} <= expected
     assert scripts == expected
     data = build / "lib" / "Slicer" / "qt-scripted-modules" / "UniversalSegLib" / "data"

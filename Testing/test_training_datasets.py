@@ -1,4 +1,5 @@
 """Dataset assembly and ``check``: adapters, label mapping, left/right split, coverage and error reports."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from UniversalSegLib.errors import InputError
 from training.check import check_config
 from training.cli import main as train_main
 from training.config import load_config, parse_config
 from training.datasets import class_masks, collect_cases, read_case_labels, split_cases
-from training.exported import read_dataset, upsert_case
+from UniversalSegLib.dataset_json import read_dataset_file, write_dataset_file
+from UniversalSegLib.errors import InputError
 
 
 def _write(array: np.ndarray, path: Path, spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0)) -> Path:
@@ -31,7 +32,7 @@ def _phantom(shape=(16, 24, 32)) -> tuple[np.ndarray, np.ndarray]:
     ct = np.full(shape, -1000, np.int16)
     ct[2:-2, 2:-2, 2:-2] = 40
     lab = np.zeros(shape, np.uint8)
-    lab[4:12, 6:18, 4:10] = 1    # low x index = patient's right (LPS x grows to the patient's left)
+    lab[4:12, 6:18, 4:10] = 1  # low x index = patient's right (LPS x grows to the patient's left)
     lab[4:12, 6:18, 22:28] = 1
     lab[4:8, 4:8, 12:20] = 2
     return ct, lab
@@ -60,13 +61,23 @@ def test_files_dataset_maps_values_splits_sides_and_checks(tmp_path):
     ct, lab = _phantom()
     _write(ct, tmp_path / "ct.nii.gz")
     _write(lab, tmp_path / "lab.nii.gz")
-    config = _config(tmp_path, [{
-        "name": "phantom", "type": "files", "cases": [{"id": "p1", "image": "ct.nii.gz", "label": "lab.nii.gz"}],
-        "label_names": {1: "lung", 2: "liver"},
-        "labels": {"Right Lung": {"labels": ["lung"], "side": "right"}, "Left Lung": {"labels": [1], "side": "left"},
-                   "Liver": ["liver"]},
-        "annotated": ["Right Lung", "Left Lung", "Liver", "Spleen"],
-    }])
+    config = _config(
+        tmp_path,
+        [
+            {
+                "name": "phantom",
+                "type": "files",
+                "cases": [{"id": "p1", "image": "ct.nii.gz", "label": "lab.nii.gz"}],
+                "label_names": {1: "lung", 2: "liver"},
+                "labels": {
+                    "Right Lung": {"labels": ["lung"], "side": "right"},
+                    "Left Lung": {"labels": [1], "side": "left"},
+                    "Liver": ["liver"],
+                },
+                "annotated": ["Right Lung", "Left Lung", "Liver", "Spleen"],
+            }
+        ],
+    )
     (case,) = collect_cases(config)
     assert case.annotated == (1, 6, 16, 17)  # Spleen is annotated as absent
     image = sitk.ReadImage(str(case.image))
@@ -95,16 +106,39 @@ def test_check_reports_missing_files_geometry_and_unknown_values(tmp_path, capsy
         "name": "bad",
         "output": str(tmp_path / "run"),
         "datasets": [
-            {"name": "unknown_values", "type": "files", "labels": {"Liver": [2]},
-             "cases": [{"id": "u", "image": "ct.nii.gz", "label": "lab.nii.gz"}]},
-            {"name": "geometry", "type": "files", "labels": {"Liver": [2]}, "ignore_labels": [1],
-             "cases": [{"id": "shifted", "image": "ct.nii.gz", "label": "shifted.nii.gz"},
-                       {"id": "small", "image": "ct.nii.gz", "label": "small.nii.gz"}]},
-            {"name": "missing", "type": "files", "labels": {"Liver": [2]},
-             "cases": [{"id": "m", "image": "nothere.nii.gz", "label": "lab.nii.gz"},
-                       {"id": "n", "image": "ct.nii.gz", "label": "gone.nii.gz"}]},
-            {"name": "ok", "type": "files", "labels": {"Liver": [2]}, "ignore_labels": [1], "split": "val",
-             "cases": [{"id": "fine", "image": "ct.nii.gz", "label": "lab.nii.gz"}]},
+            {
+                "name": "unknown_values",
+                "type": "files",
+                "labels": {"Liver": [2]},
+                "cases": [{"id": "u", "image": "ct.nii.gz", "label": "lab.nii.gz"}],
+            },
+            {
+                "name": "geometry",
+                "type": "files",
+                "labels": {"Liver": [2]},
+                "ignore_labels": [1],
+                "cases": [
+                    {"id": "shifted", "image": "ct.nii.gz", "label": "shifted.nii.gz"},
+                    {"id": "small", "image": "ct.nii.gz", "label": "small.nii.gz"},
+                ],
+            },
+            {
+                "name": "missing",
+                "type": "files",
+                "labels": {"Liver": [2]},
+                "cases": [
+                    {"id": "m", "image": "nothere.nii.gz", "label": "lab.nii.gz"},
+                    {"id": "n", "image": "ct.nii.gz", "label": "gone.nii.gz"},
+                ],
+            },
+            {
+                "name": "ok",
+                "type": "files",
+                "labels": {"Liver": [2]},
+                "ignore_labels": [1],
+                "split": "val",
+                "cases": [{"id": "fine", "image": "ct.nii.gz", "label": "lab.nii.gz"}],
+            },
         ],
     }
     path = tmp_path / "cfg.json"
@@ -130,29 +164,52 @@ def test_msd_folder_and_exported_adapters(tmp_path):
     for name in ("a", "b", "c"):
         _write(ct, root / "imagesTr" / f"liver_{name}.nii.gz")
         _write(lab, root / "labelsTr" / f"liver_{name}.nii.gz")
-    (root / "dataset.json").write_text(json.dumps({
-        "labels": {"0": "background", "1": "liver", "2": "cancer"},
-        "training": [{"image": f"./imagesTr/liver_{n}.nii.gz", "label": f"./labelsTr/liver_{n}.nii.gz"} for n in "abc"],
-    }))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "labels": {"0": "background", "1": "liver", "2": "cancer"},
+                "training": [
+                    {"image": f"./imagesTr/liver_{n}.nii.gz", "label": f"./labelsTr/liver_{n}.nii.gz"} for n in "abc"
+                ],
+            }
+        )
+    )
     for name in ("x", "y"):
         _write(ct, tmp_path / "nn" / "images" / f"case_{name}_0000.nii.gz")
         _write(lab, tmp_path / "nn" / "labels" / f"case_{name}.nii.gz")
     export = tmp_path / "export"
     _write(ct, export / "images" / "s1.nii.gz")
     _write(lab * 3, export / "labels" / "s1.nii.gz")  # catalog values: 3 = Left Kidney, 6 = Liver
-    upsert_case(export, {"id": "s1", "image": export / "images" / "s1.nii.gz", "label": "labels/s1.nii.gz",
-                         "annotated": ["Liver"]})
-    upsert_case(export, {"id": "s1", "image": "images/s1.nii.gz", "label": "labels/s1.nii.gz",
-                         "annotated": ["Liver", "Left Kidney"]})  # re-export replaces the entry
-    assert len(read_dataset(export)["cases"]) == 1 and read_dataset(export)["cases"][0]["image"] == "images/s1.nii.gz"
-    config = _config(tmp_path, [
-        {"name": "msd", "type": "msd", "root": str(root), "labels": {"Liver": ["liver", "cancer"], "Liver Tumor": ["cancer"]},
-         "val_fraction": 0.34},
-        {"name": "nn", "type": "folder", "root": "nn", "images": "images/*.nii.gz", "label_images": "labels/*.nii.gz",
-         "image_suffix": "_0000", "label_names": {1: "lung", 2: "liver"}, "ignore_labels": ["lung"],
-         "labels": {"Liver": ["liver"]}},
-        {"name": "corrections", "type": "exported", "path": str(export)},
-    ])
+    for annotated in (["Liver"], ["Liver", "Left Kidney"]):  # re-export replaces the entry
+        doc = read_dataset_file(export, missing_ok=True)
+        doc.upsert({"id": "s1", "image": "images/s1.nii.gz", "label": "labels/s1.nii.gz", "annotated": annotated})
+        write_dataset_file(export, doc)
+    cases = read_dataset_file(export).cases
+    assert len(cases) == 1 and cases[0]["image"] == "images/s1.nii.gz" and cases[0]["annotated"] == annotated
+    config = _config(
+        tmp_path,
+        [
+            {
+                "name": "msd",
+                "type": "msd",
+                "root": str(root),
+                "labels": {"Liver": ["liver", "cancer"], "Liver Tumor": ["cancer"]},
+                "val_fraction": 0.34,
+            },
+            {
+                "name": "nn",
+                "type": "folder",
+                "root": "nn",
+                "images": "images/*.nii.gz",
+                "label_images": "labels/*.nii.gz",
+                "image_suffix": "_0000",
+                "label_names": {1: "lung", 2: "liver"},
+                "ignore_labels": ["lung"],
+                "labels": {"Liver": ["liver"]},
+            },
+            {"name": "corrections", "type": "exported", "path": str(export)},
+        ],
+    )
     cases = collect_cases(config)
     msd = [c for c in cases if c.dataset == "msd"]
     assert [c.case_id for c in msd] == ["liver_a", "liver_b", "liver_c"]
@@ -171,21 +228,37 @@ def test_msd_folder_and_exported_adapters(tmp_path):
 
 def test_exported_case_needs_reviewed_classes(tmp_path):
     with pytest.raises(InputError, match="nothing was reviewed"):
-        upsert_case(tmp_path, {"id": "s", "image": "a.nii.gz", "label": "b.nii.gz", "annotated": []})
+        read_dataset_file(tmp_path, missing_ok=True).upsert(
+            {"id": "s", "image": "a.nii.gz", "label": "b.nii.gz", "annotated": []}
+        )
 
 
 def test_real_data_coverage_and_structure_masks(shared):
     abdomen = shared("data", "ct", "totalseg_abdomen")
     cta = shared("data", "ct", "totalseg_cta_crop")
-    config = parse_config({
-        "name": "real",
-        "datasets": [
-            {"name": "slab", "type": "totalsegmentator", "root": str(abdomen), "image": "ct_upper_slab.nii.gz",
-             "label_file": "ct_upper_slab_labels_totalseg_v2.nii.gz"},
-            {"name": "cta", "type": "totalsegmentator", "root": str(cta), "masks": "mask_{name}.nii.gz",
-             "labels": {"Aorta": ["aorta"], "Celiac Trunk": ["celiac_trunk"]}, "split": "val"},
-        ],
-    }, ".")
+    config = parse_config(
+        {
+            "name": "real",
+            "datasets": [
+                {
+                    "name": "slab",
+                    "type": "totalsegmentator",
+                    "root": str(abdomen),
+                    "image": "ct_upper_slab.nii.gz",
+                    "label_file": "ct_upper_slab_labels_totalseg_v2.nii.gz",
+                },
+                {
+                    "name": "cta",
+                    "type": "totalsegmentator",
+                    "root": str(cta),
+                    "masks": "mask_{name}.nii.gz",
+                    "labels": {"Aorta": ["aorta"], "Celiac Trunk": ["celiac_trunk"]},
+                    "split": "val",
+                },
+            ],
+        },
+        ".",
+    )
     report = check_config(config)
     assert report.ok, report.errors
     slab = report.coverage["slab"]
@@ -209,13 +282,26 @@ def test_training_preprocessing_matches_the_engine(shared):
     """Image and label go through the engine's preprocessing maths; labels stay on the image's grid (nearest)."""
     import torch
 
-    from UniversalSegLib.preprocessing import preprocess
     from training.transforms import preprocessing_transforms
+    from UniversalSegLib.preprocessing import preprocess
 
     abdomen = shared("data", "ct", "totalseg_abdomen")
-    config = parse_config({"name": "p", "datasets": [{
-        "name": "slab", "type": "totalsegmentator", "root": str(abdomen), "image": "ct_upper_slab.nii.gz",
-        "label_file": "ct_upper_slab_labels_totalseg_v2.nii.gz", "labels": {"Liver": ["liver"]}}]}, ".")
+    config = parse_config(
+        {
+            "name": "p",
+            "datasets": [
+                {
+                    "name": "slab",
+                    "type": "totalsegmentator",
+                    "root": str(abdomen),
+                    "image": "ct_upper_slab.nii.gz",
+                    "label_file": "ct_upper_slab_labels_totalseg_v2.nii.gz",
+                    "labels": {"Liver": ["liver"]},
+                }
+            ],
+        },
+        ".",
+    )
     (case,) = collect_cases(config)
     item = preprocessing_transforms(indices=False)(case.to_data())
     engine = preprocess(sitk.ReadImage(str(case.image))).image

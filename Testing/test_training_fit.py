@@ -1,5 +1,6 @@
 """A short CPU fit on a real CT: the loss falls, the checkpoint loads in the engine, resume is exact, export and
 evaluate work, and a class can be added to a trained model without changing the old classes' outputs."""
+
 from __future__ import annotations
 
 import csv
@@ -10,9 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from UniversalSegLib.checkpoints import load_checkpoint, read_checkpoint_metadata, save_checkpoint
-from UniversalSegLib.networks import ModelConfig, UniversalModel
-from UniversalSegLib.errors import InputError
 from training.cli import main as train_main
 from training.config import parse_config
 from training.distributed import weights_digest
@@ -20,6 +18,9 @@ from training.export import read_state
 from training.loop import fit
 from training.losses import PartialLabelLoss
 from training.modeling import UPSTREAM_EMBEDDINGS
+from UniversalSegLib.checkpoints import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from UniversalSegLib.errors import InputError
+from UniversalSegLib.networks import ModelConfig, UniversalModel
 
 STEPS = 20
 
@@ -32,15 +33,31 @@ def _config(abdomen: Path, output: Path, **training) -> dict:
         "spacing": [3.0, 3.0, 3.0],
         "model": {"architecture": "unet", "width": 4},
         "augmentation": {"num_samples": 1, "pos": 1, "neg": 0, "rotate_prob": 0.2, "flip_prob": 0.2},
-        "training": {"max_steps": STEPS, "crop_size": 32, "lr": 0.003, "warmup_steps": 2, "checkpoint_every": 4,
-                     "keep_checkpoints": 10, "checkpoint_minutes": None, "log_every": 1, "threads": 1, **training},
+        "training": {
+            "max_steps": STEPS,
+            "crop_size": 32,
+            "lr": 0.003,
+            "warmup_steps": 2,
+            "checkpoint_every": 4,
+            "keep_checkpoints": 10,
+            "checkpoint_minutes": None,
+            "log_every": 1,
+            "threads": 1,
+            **training,
+        },
         "validation": {"every": 8, "roi_size": 32, "overlap": 0.0},
-        "datasets": [{
-            "name": "slab", "type": "totalsegmentator", "root": str(abdomen), "image": "ct_upper_slab.nii.gz",
-            "label_file": "ct_upper_slab_labels_totalseg_v2.nii.gz", "split": "both",
-            "labels": {"Liver": ["liver"], "Spleen": ["spleen"], "Right Kidney": ["kidney_right"]},
-            "licence": "Apache-2.0",
-        }],
+        "datasets": [
+            {
+                "name": "slab",
+                "type": "totalsegmentator",
+                "root": str(abdomen),
+                "image": "ct_upper_slab.nii.gz",
+                "label_file": "ct_upper_slab_labels_totalseg_v2.nii.gz",
+                "split": "both",
+                "labels": {"Liver": ["liver"], "Spleen": ["spleen"], "Right Kidney": ["kidney_right"]},
+                "licence": "Apache-2.0",
+            }
+        ],
     }
 
 
@@ -156,14 +173,40 @@ def test_export_cli_and_evaluate_cli(trained, tmp_path, shared, capsys):
 
     ct3 = shared("data", "ct", "dcmqi_ct3slice")
     cfg = tmp_path / "eval.json"
-    cfg.write_text(json.dumps({
-        "name": "eval", "output": str(tmp_path / "unused"),
-        "datasets": [{"name": "dcmqi", "type": "files", "root": str(ct3), "split": "val", "labels": {"Liver": [1]},
-                      "cases": [{"id": "ct3", "image": "dicom", "label": "liver_seg.nrrd"}]}],
-    }))
+    cfg.write_text(
+        json.dumps(
+            {
+                "name": "eval",
+                "output": str(tmp_path / "unused"),
+                "datasets": [
+                    {
+                        "name": "dcmqi",
+                        "type": "files",
+                        "root": str(ct3),
+                        "split": "val",
+                        "labels": {"Liver": [1]},
+                        "cases": [{"id": "ct3", "image": "dicom", "label": "liver_seg.nrrd"}],
+                    }
+                ],
+            }
+        )
+    )
     report_dir = tmp_path / "report"
-    code = train_main(["evaluate", str(cfg), "--model", str(out), "--model", str(run / "model_best.safetensors"),
-                       "--fast", "--device", "cpu", "--output", str(report_dir)])
+    code = train_main(
+        [
+            "evaluate",
+            str(cfg),
+            "--model",
+            str(out),
+            "--model",
+            str(run / "model_best.safetensors"),
+            "--fast",
+            "--device",
+            "cpu",
+            "--output",
+            str(report_dir),
+        ]
+    )
     assert code == 0
     report = json.loads((report_dir / "evaluation.json").read_text())
     for model_ref in report["models"]:
@@ -181,8 +224,17 @@ def test_add_class_keeps_old_classes(trained, tmp_path):
     raw = _config(trained["abdomen"], tmp_path / "added", max_steps=3, retain_weight=1.0)
     raw["model"] = {"init": str(start), "classes": ["Liver", "Spleen", "Right Kidney", "Left Kidney"]}
     # Train on a dataset that annotates only the new class; validate all four classes on a held-out entry.
-    val = dict(raw["datasets"][0], name="slab_val", split="val",
-               labels={"Liver": ["liver"], "Spleen": ["spleen"], "Right Kidney": ["kidney_right"], "Left Kidney": ["kidney_left"]})
+    val = dict(
+        raw["datasets"][0],
+        name="slab_val",
+        split="val",
+        labels={
+            "Liver": ["liver"],
+            "Spleen": ["spleen"],
+            "Right Kidney": ["kidney_right"],
+            "Left Kidney": ["kidney_left"],
+        },
+    )
     raw["datasets"][0].update(split="train", labels={"Left Kidney": ["kidney_left"]})
     raw["datasets"].append(val)
     raw["validation"] = {"every": 0, "roi_size": 32, "overlap": 0.0}
@@ -205,7 +257,11 @@ def test_add_class_keeps_old_classes(trained, tmp_path):
     summary = result.summary
     # Dice before (step 0) and after on the old classes, plus the new one.
     assert summary["validation_first"]["step"] == 0 and summary["validation_last"]["step"] == 3
-    assert set(summary["validation_first"]["dice"]) == set(summary["validation_last"]["dice"]) == set(built.model.class_names)
+    assert (
+        set(summary["validation_first"]["dice"])
+        == set(summary["validation_last"]["dice"])
+        == set(built.model.class_names)
+    )
     assert summary["classes"] == ["Spleen", "Right Kidney", "Left Kidney", "Liver"]
     rows = _log(tmp_path / "added")
     assert all(float(r["retain"]) > 0 for r in rows)

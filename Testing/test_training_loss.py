@@ -1,4 +1,5 @@
 """Partial-label loss: classes a sample does not annotate get exactly zero gradient; the schedule and metrics."""
+
 from __future__ import annotations
 
 import math
@@ -113,9 +114,9 @@ def test_surface_scores():
 
 def test_head_prior_initialisation():
     """From scratch, the controller bias starts the heads' hidden biases positive and the output at the prior."""
+    from training.modeling import init_head_bias
     from UniversalSegLib.networks import ModelConfig, UniversalModel
     from UniversalSegLib.networks.universal_model import HEAD_PARAM_SPLITS
-    from training.modeling import init_head_bias
 
     model = UniversalModel(ModelConfig("unet", 4), num_classes=2)
     init_head_bias(model, 0.02)

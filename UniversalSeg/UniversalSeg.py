@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
-import vtk
-
 import slicer
+import vtk
 
 # ---------------------------------------------------------------------------------------------------- the engine
 # Importing the package also puts the engine (UniversalSegLib) on sys.path: installed beside this file, or one
@@ -46,26 +45,57 @@ _MODULE_DIR = Path(__file__).resolve().parent
 if str(_MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(_MODULE_DIR))
 
+# isort: off
 import UniversalSegSlicerLib  # noqa: E402,F401  (first: makes UniversalSegLib importable from a source checkout)
 import UniversalSegLib  # noqa: E402
+
+# isort: on
 from UniversalSegLib.catalog import ClassCatalog, ClassInfo  # noqa: E402
 from UniversalSegLib.checkpoints import checkpoint_classes  # noqa: E402
 from UniversalSegLib.errors import InputError, UniversalSegError, printable  # noqa: E402
 from UniversalSegLib.registry import DEFAULT_MODEL, ModelEntry, ModelRegistry, accept_licence, licence_accepted  # noqa: E402
-
 from UniversalSegSlicerLib import guisync  # noqa: E402
 from UniversalSegSlicerLib.observers import SegmentationObserver  # noqa: E402
 from UniversalSegSlicerLib.parameters import DEVICES, SegmentationParameters  # noqa: E402,F401
-from UniversalSegSlicerLib.process import (  # noqa: E402,F401
-    ENGINE_PROGRESS_SHARE, EngineError, EngineProcess, SegmentationTask)
+from UniversalSegSlicerLib.process import ENGINE_PROGRESS_SHARE, EngineError, EngineProcess, SegmentationTask  # noqa: E402,F401
 from UniversalSegSlicerLib.results import BackgroundCall, ClassMask, readEngineSegmentation  # noqa: E402
 from UniversalSegSlicerLib.scene import HeadlessScene, createHeadlessScene  # noqa: E402,F401
 from UniversalSegSlicerLib.segments import (  # noqa: E402,F401
-    BINARY_LABELMAP, ENGINE_VERSION, PROVENANCE_TAGS, SEGMENT_STATES, STATE_AI, STATE_EDITED, STATE_MANUAL,
-    STATE_REVIEWED, TAG_CLASS_INDEX, TAG_CLASS_NAME, TAG_CREATED, TAG_ENGINE_VERSION, TAG_FINGERPRINT, TAG_MODEL,
-    TAG_MODEL_LICENCE, TAG_PREFIX, TAG_REVIEWED, TAG_SETTINGS, EditTracker, ImportReport, SegmentRecords,
-    SegmentReview, describeSegment, getTag, ijkToRas, matrixArray, orientedImageFromCrop, orientedImageFromMask,
-    sameMatrix, segmentFingerprint, segmentIds, segmentMask, tagValue, volumeArray)
+    BINARY_LABELMAP,
+    ENGINE_VERSION,
+    PROVENANCE_TAGS,
+    SEGMENT_STATES,
+    STATE_AI,
+    STATE_EDITED,
+    STATE_MANUAL,
+    STATE_REVIEWED,
+    TAG_CLASS_INDEX,
+    TAG_CLASS_NAME,
+    TAG_CREATED,
+    TAG_ENGINE_VERSION,
+    TAG_FINGERPRINT,
+    TAG_MODEL,
+    TAG_MODEL_LICENCE,
+    TAG_PREFIX,
+    TAG_REVIEWED,
+    TAG_SETTINGS,
+    EditTracker,
+    ImportReport,
+    SegmentRecords,
+    SegmentReview,
+    describeSegment,
+    getTag,
+    ijkToRas,
+    matrixArray,
+    orientedImageFromCrop,
+    orientedImageFromMask,
+    sameMatrix,
+    segmentFingerprint,
+    segmentIds,
+    segmentMask,
+    tagValue,
+    volumeArray,
+)
 
 # Short names this file (and scripts written against earlier versions) use.
 _getTag, _segmentIds, _ijkToRas, _orientedImageFromMask = getTag, segmentIds, ijkToRas, orientedImageFromMask
@@ -114,6 +144,7 @@ except ImportError:  # slicer-core only: no Qt, no scripted-module base classes
         def removeObservers(self, method=None):
             pass
 
+
 try:
     from typing import Annotated
 
@@ -136,6 +167,7 @@ try:  # Slicer's translation functions (5.x); slicer-core has no slicer.i18n
     from slicer.i18n import tr as _
     from slicer.i18n import translate
 except ImportError:
+
     def _(text: str) -> str:
         return text
 
@@ -162,8 +194,10 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
         if scene is None:
             scene = getattr(slicer, "mrmlScene", None)
         if scene is None:
-            raise ValueError("UniversalSegLogic needs an MRML scene outside the Slicer application: "
-                             "pass scene=createHeadlessScene().scene")
+            raise ValueError(
+                "UniversalSegLogic needs an MRML scene outside the Slicer application: "
+                "pass scene=createHeadlessScene().scene"
+            )
         self.scene = scene
         # Segment provenance, states, review, tracking (UniversalSegSlicerLib.segments): also self.editTracker.
         SegmentRecords.__init__(self, ClassCatalog.default())
@@ -188,8 +222,18 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
     )
     #: Abdominal solid and hollow organs (no lungs, pelvic organs, femoral heads or vessels).
     ABDOMINAL_ORGANS: tuple[str, ...] = (
-        "spleen", "right_kidney", "left_kidney", "gall_bladder", "liver", "stomach", "pancreas",
-        "right_adrenal_gland", "left_adrenal_gland", "duodenum", "colon", "intestine",
+        "spleen",
+        "right_kidney",
+        "left_kidney",
+        "gall_bladder",
+        "liver",
+        "stomach",
+        "pancreas",
+        "right_adrenal_gland",
+        "left_adrenal_gland",
+        "duodenum",
+        "colon",
+        "intestine",
     )
 
     def classGroups(self) -> list[tuple[str, list[ClassInfo]]]:
@@ -293,8 +337,9 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
         plan = UniversalSegLogic.dependencyPlan()
         return plan.describe() + plan.conflicts
 
-    def installDependencies(self, plan: dependencies.InstallPlan | None = None,
-                            log: Callable[[str], None] | None = None) -> bool:
+    def installDependencies(
+        self, plan: dependencies.InstallPlan | None = None, log: Callable[[str], None] | None = None
+    ) -> bool:
         """Carry out :meth:`dependencyPlan` in the application: PyTorch through the PyTorch extension's
         ``PyTorchUtils`` (installed or upgraded to ``torch>=2.8``), the rest with ``slicer.util.pip_install`` with
         Slicer's bundled packages pinned as constraints. Returns True when Slicer must restart.
@@ -303,8 +348,9 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
             EngineError: with a message saying what failed or was refused and what to do.
         """
         if not IN_SLICER_APP:
-            raise EngineError("installing dependencies needs the Slicer application; outside Slicer use "
-                              "`pip install universalseg`")
+            raise EngineError(
+                "installing dependencies needs the Slicer application; outside Slicer use `pip install universalseg`"
+            )
         plan = plan or self.dependencyPlan()
         try:
             import PyTorchUtils  # from the PyTorch extension (SlicerPyTorch)
@@ -338,7 +384,9 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
         the folder holding ``UniversalSegLib`` on PYTHONPATH, so both run the same engine code."""
         env = dict(slicer.util.startupEnvironment()) if IN_SLICER_APP else dict(os.environ)
         engineRoot = str(Path(UniversalSegLib.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join([engineRoot] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [engineRoot] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.engineEnvironment)
         return env
@@ -346,11 +394,18 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
     def engineCommand(self, inputPath: Path, workDir: Path, parameters: SegmentationParameters) -> list[str]:
         """The full engine command line for one run (outputs in ``workDir``)."""
         return [
-            self.enginePython(), "-m", "UniversalSegLib", "segment", str(inputPath),
-            "-o", str(workDir / "segmentation.seg.nrrd"),  # one file, read off the GUI thread
-            "--summary", str(workDir / "summary.json"),
-            "--progress", "json",
-            *parameters.commandArguments(self.catalog),
+            self.enginePython(),
+            "-m",
+            "UniversalSegLib",
+            "segment",
+            str(inputPath),
+            "-o",
+            str(workDir / "segmentation.seg.nrrd"),  # one file, read off the GUI thread
+            "--summary",
+            str(workDir / "summary.json"),
+            "--progress",
+            "json",
+            *parameters.to_cli_args(self.catalog),
         ]
 
     def writeVolumeToFile(self, volumeNode, path: str | os.PathLike) -> Path:
@@ -364,14 +419,20 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
         return path
 
     def _checkInputVolume(self, inputVolume) -> None:
-        if inputVolume is None or not inputVolume.IsA("vtkMRMLScalarVolumeNode") or inputVolume.IsA("vtkMRMLLabelMapVolumeNode"):
+        if (
+            inputVolume is None
+            or not inputVolume.IsA("vtkMRMLScalarVolumeNode")
+            or inputVolume.IsA("vtkMRMLLabelMapVolumeNode")
+        ):
             raise InputError("choose a CT volume as input (a scalar volume, not a label map)")
         image = inputVolume.GetImageData()
         if image is None or image.GetNumberOfPoints() == 0:
             raise InputError(f"the volume '{inputVolume.GetName()}' has no voxels; load a CT first")
         if image.GetNumberOfScalarComponents() != 1:
-            raise InputError(f"the volume '{inputVolume.GetName()}' has {image.GetNumberOfScalarComponents()} "
-                             "components per voxel; choose a CT (one value per voxel)")
+            raise InputError(
+                f"the volume '{inputVolume.GetName()}' has {image.GetNumberOfScalarComponents()} "
+                "components per voxel; choose a CT (one value per voxel)"
+            )
 
     def startSegmentation(
         self,
@@ -398,18 +459,34 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
         self._checkInputVolume(inputVolume)
         if self.modelNeedsLicenceAcceptance(parameters.model) and not parameters.acceptLicence:
             entry = self.modelEntry(parameters.model)
-            raise InputError(f"the weights of model '{entry.name}' are licensed under {entry.licence} "
-                             f"({entry.licence_url}); read and accept the licence first")
+            raise InputError(
+                f"the weights of model '{entry.name}' are licensed under {entry.licence} "
+                f"({entry.licence_url}); read and accept the licence first"
+            )
         tempRoot = Path(slicer.app.temporaryPath) if IN_SLICER_APP else None
         workDir = Path(tempfile.mkdtemp(prefix="UniversalSeg-", dir=tempRoot))
-        task = SegmentationTask(self, inputVolume, outputSegmentation, parameters, workDir, onProgress=onProgress,
-                                onLog=onLog, onFinished=onFinished, keepFiles=self.keepTemporaryFiles)
+        task = SegmentationTask(
+            self,
+            inputVolume,
+            outputSegmentation,
+            parameters,
+            workDir,
+            onProgress=onProgress,
+            onLog=onLog,
+            onFinished=onFinished,
+            keepFiles=self.keepTemporaryFiles,
+        )
         try:
             inputPath = self.writeVolumeToFile(inputVolume, workDir / "input.nrrd")
             command = self.engineCommand(inputPath, workDir, parameters)
             logger.info("engine command: %s", subprocess.list2cmdline(command))
-            task.process = EngineProcess(command, env=self.engineEnvironmentVariables(), cwd=workDir,
-                                         onStdoutLine=task._onStdout, onStderrLine=task._onStderr)
+            task.process = EngineProcess(
+                command,
+                env=self.engineEnvironmentVariables(),
+                cwd=workDir,
+                onStdoutLine=task._onStdout,
+                onStderrLine=task._onStderr,
+            )
         except BaseException:
             shutil.rmtree(workDir, ignore_errors=True)
             raise
@@ -418,23 +495,41 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
     def newSegmentationNode(self, inputVolume):
         """A new segmentation node named after the volume ("CT segmentation")."""
         return self.scene.AddNewNodeByClass(
-            "vtkMRMLSegmentationNode", self.scene.GenerateUniqueName(f"{inputVolume.GetName()} segmentation"))
+            "vtkMRMLSegmentationNode", self.scene.GenerateUniqueName(f"{inputVolume.GetName()} segmentation")
+        )
 
-    def segment(self, inputVolume, outputSegmentation=None, parameters: SegmentationParameters | None = None, *,
-                timeout: float | None = None, onProgress=None, onLog=None, **overrides) -> ImportReport:
+    def segment(
+        self,
+        inputVolume,
+        outputSegmentation=None,
+        parameters: SegmentationParameters | None = None,
+        *,
+        timeout: float | None = None,
+        onProgress=None,
+        onLog=None,
+        **overrides,
+    ) -> ImportReport:
         """Blocking variant of :meth:`startSegmentation` for scripts and tests: returns the import report.
 
         Raises:
             EngineError: the engine failed (its one-line message), or was cancelled.
             TimeoutError: not finished within ``timeout`` seconds (the run is cancelled).
         """
-        task = self.startSegmentation(inputVolume, outputSegmentation, parameters, onProgress=onProgress,
-                                      onLog=onLog, **overrides)
+        task = self.startSegmentation(
+            inputVolume, outputSegmentation, parameters, onProgress=onProgress, onLog=onLog, **overrides
+        )
         return task.wait(timeout)
 
     # -- importing results -----------------------------------------------------------------------------------
-    def importEngineOutput(self, inputVolume, outputSegmentation, summaryPath: str | os.PathLike,
-                           segmentationPath: str | os.PathLike, *, overwrite: bool = False) -> ImportReport:
+    def importEngineOutput(
+        self,
+        inputVolume,
+        outputSegmentation,
+        summaryPath: str | os.PathLike,
+        segmentationPath: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+    ) -> ImportReport:
         """Import the engine's result (its summary JSON and its ``.seg.nrrd``) into ``outputSegmentation``, never
         replacing what the user edited unless ``overwrite``; runs :meth:`importSteps` to the end (scripts, tests).
 
@@ -444,11 +539,20 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
         With ``overwrite`` all of these are replaced. Segments of other classes are never touched.
         The result must lie on the input volume's voxel grid; it is stored with exactly its geometry.
         """
-        return _runSteps(self.importSteps(inputVolume, outputSegmentation, summaryPath, segmentationPath,
-                                          overwrite=overwrite))
+        return _runSteps(
+            self.importSteps(inputVolume, outputSegmentation, summaryPath, segmentationPath, overwrite=overwrite)
+        )
 
-    def importSteps(self, inputVolume, outputSegmentation, summaryPath: str | os.PathLike,
-                    segmentationPath: str | os.PathLike, *, overwrite: bool = False, task=None):
+    def importSteps(
+        self,
+        inputVolume,
+        outputSegmentation,
+        summaryPath: str | os.PathLike,
+        segmentationPath: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        task=None,
+    ):
         """:meth:`importEngineOutput` as a generator of short GUI-thread steps (for a ``QTimer``).
 
         The ``.seg.nrrd`` is read and split into per-class crops in a worker thread (no MRML there); meanwhile
@@ -484,13 +588,21 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
             TAG_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"),
             TAG_SETTINGS: json.dumps(_settingsForTag(summary), separators=(",", ":"), sort_keys=True),
         }
-        report = yield from self.importMaskSteps(inputVolume, outputSegmentation, masks, provenance,
-                                                 overwrite=overwrite)
+        report = yield from self.importMaskSteps(
+            inputVolume, outputSegmentation, masks, provenance, overwrite=overwrite
+        )
         report.model = provenance[TAG_MODEL]
         return report
 
-    def importMasks(self, inputVolume, outputSegmentation, masks: dict[int, np.ndarray], provenance: dict[str, str],
-                    *, overwrite: bool = False) -> ImportReport:
+    def importMasks(
+        self,
+        inputVolume,
+        outputSegmentation,
+        masks: dict[int, np.ndarray],
+        provenance: dict[str, str],
+        *,
+        overwrite: bool = False,
+    ) -> ImportReport:
         """Import boolean masks (catalog index -> ``(K, J, I)`` array on the input volume's grid); see
         :meth:`importEngineOutput` for the rules. ``provenance`` maps tag names to values for every stored mask."""
         matrix = matrixArray(ijkToRas(inputVolume))
@@ -499,14 +611,23 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
         for index, mask in masks.items():
             mask = np.asarray(mask, dtype=bool)
             if mask.shape != shape:
-                raise EngineError(f"the mask of {self.catalog[index].name} has shape {mask.shape}, not the input "
-                                  f"volume's {shape}")
+                raise EngineError(
+                    f"the mask of {self.catalog[index].name} has shape {mask.shape}, not the input volume's {shape}"
+                )
             classMasks[index] = ClassMask.fromMask(index, mask, matrix)
-        return _runSteps(self.importMaskSteps(inputVolume, outputSegmentation, classMasks, provenance,
-                                              overwrite=overwrite))
+        return _runSteps(
+            self.importMaskSteps(inputVolume, outputSegmentation, classMasks, provenance, overwrite=overwrite)
+        )
 
-    def importMaskSteps(self, inputVolume, outputSegmentation, masks: dict[int, ClassMask],
-                        provenance: dict[str, str], *, overwrite: bool = False):
+    def importMaskSteps(
+        self,
+        inputVolume,
+        outputSegmentation,
+        masks: dict[int, ClassMask],
+        provenance: dict[str, str],
+        *,
+        overwrite: bool = False,
+    ):
         """Generator: store each class's crop in its segment, one class per step (yields the fraction done),
         applying the keep/update/replace rules of :meth:`importEngineOutput`; returns the :class:`ImportReport`."""
         self._prepareSegmentation(inputVolume, outputSegmentation)
@@ -594,16 +715,22 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
             outputSegmentation.CreateDefaultDisplayNodes()
         segmentation = outputSegmentation.GetSegmentation()
         # Slicer < 5.4 calls the source representation "master representation".
-        getSource = getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
-        setSource = getattr(segmentation, "SetSourceRepresentationName", None) or segmentation.SetMasterRepresentationName
+        getSource = (
+            getattr(segmentation, "GetSourceRepresentationName", None) or segmentation.GetMasterRepresentationName
+        )
+        setSource = (
+            getattr(segmentation, "SetSourceRepresentationName", None) or segmentation.SetMasterRepresentationName
+        )
         if segmentation.GetNumberOfSegments() == 0:
             outputSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
             setSource(BINARY_LABELMAP)
             outputSegmentation.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
         elif getSource() != BINARY_LABELMAP:
-            raise InputError(f"'{outputSegmentation.GetName()}' stores its segments as {getSource()}; choose "
-                             "another output segmentation or make binary labelmap its source representation "
-                             "(Segmentations module)")
+            raise InputError(
+                f"'{outputSegmentation.GetName()}' stores its segments as {getSource()}; choose "
+                "another output segmentation or make binary labelmap its source representation "
+                "(Segmentations module)"
+            )
         role = outputSegmentation.GetReferenceImageGeometryReferenceRole()
         if outputSegmentation.GetNodeReference(role) is None:
             outputSegmentation.SetNodeReferenceID(role, inputVolume.GetID())
@@ -633,9 +760,17 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
         elif shNode.GetItemParent(segmentationItem) == shNode.GetSceneItemID():
             shNode.SetItemParent(segmentationItem, parent)  # new nodes start at the top; a user's folder is kept
 
-    def exportForTraining(self, volumeNode, segmentationNode, folder: str | os.PathLike, caseId: str | None = None,
-                          allowPerClassMasks: bool = False, *, split: str = "train",
-                          datasetName: str | None = None):
+    def exportForTraining(
+        self,
+        volumeNode,
+        segmentationNode,
+        folder: str | os.PathLike,
+        caseId: str | None = None,
+        allowPerClassMasks: bool = False,
+        *,
+        split: str = "train",
+        datasetName: str | None = None,
+    ):
         """Write the CT, the confirmed segments and the dataset entry into a training export folder.
 
         The label map (catalog indices) holds exactly the classes of the segments :meth:`segmentReview` marks as
@@ -663,7 +798,13 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
                 segments not on the CT's grid, a case ID of another scan. ``OverlapError`` (an InputError) when
                 confirmed segments overlap and ``allowPerClassMasks`` is False.
         """
-        from UniversalSegLib.training_export import ExportedClass, check_export_folder, dataset_file, export_case, image_from_array
+        from UniversalSegLib.training_export import (
+            ExportedClass,
+            check_export_folder,
+            dataset_file,
+            export_case,
+            image_from_array,
+        )
 
         self._checkInputVolume(volumeNode)
         if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
@@ -674,22 +815,40 @@ class UniversalSegLogic(ScriptedLoadableModuleLogic, SegmentRecords):
             raise InputError(f"cannot export: {duplicates[0]}; delete or unmark all but one")
         chosen = [row for row in rows if row.annotated]
         if not chosen:
-            raise InputError(f"nothing to export: no segment of '{segmentationNode.GetName()}' was reviewed or edited; "
-                             "select the correct segments and click 'Mark reviewed', or correct segments in the "
-                             "Segment Editor, then export again")
+            raise InputError(
+                f"nothing to export: no segment of '{segmentationNode.GetName()}' was reviewed or edited; "
+                "select the correct segments and click 'Mark reviewed', or correct segments in the "
+                "Segment Editor, then export again"
+            )
         check_export_folder(dataset_file(folder).parent)  # before reading any voxels
-        classes = [ExportedClass(row.classIndex, self.segmentArray(segmentationNode, row.segmentId, volumeNode),
-                                 row.confirmation, self._exportProvenance(segmentationNode, row)) for row in chosen]
+        classes = [
+            ExportedClass(
+                row.classIndex,
+                self.segmentArray(segmentationNode, row.segmentId, volumeNode),
+                row.confirmation,
+                self._exportProvenance(segmentationNode, row),
+            )
+            for row in chosen
+        ]
         image = image_from_array(volumeArray(volumeNode), matrixArray(ijkToRas(volumeNode)))
         report = export_case(
-            folder, image, classes, case_id=caseId, default_case_id=volumeNode.GetName(),
-            per_class_masks=allowPerClassMasks, split=split, dataset_name=datasetName, catalog=self.catalog,
-            provenance={"volume": volumeNode.GetName(), "segmentation": segmentationNode.GetName(),
-                        "exported_by": f"UniversalSeg Slicer module {ENGINE_VERSION}"},
+            folder,
+            image,
+            classes,
+            case_id=caseId,
+            default_case_id=volumeNode.GetName(),
+            per_class_masks=allowPerClassMasks,
+            split=split,
+            dataset_name=datasetName,
+            catalog=self.catalog,
+            provenance={
+                "volume": volumeNode.GetName(),
+                "segmentation": segmentationNode.GetName(),
+                "exported_by": f"UniversalSeg Slicer module {ENGINE_VERSION}",
+            },
         )
         report.skipped = {row.name: row.reason for row in rows if not row.annotated}
         return report
-
 
 
 def _runSteps(steps):
@@ -705,7 +864,9 @@ def _runSteps(steps):
 
 def _settingsForTag(summary: dict[str, Any]) -> dict[str, Any]:
     settings = summary.get("settings") or {}
-    keep = {k: settings[k] for k in ("overlap", "fast", "threshold", "class_thresholds", "postprocess") if k in settings}
+    keep = {
+        k: settings[k] for k in ("overlap", "fast", "threshold", "class_thresholds", "postprocess") if k in settings
+    }
     keep["device"] = summary.get("device")
     return keep
 
@@ -763,7 +924,9 @@ if HAVE_PARAMETER_NODE_WRAPPER:
         """GUI state, saved with the scene. ``classes``: comma-separated catalog file stems of the class picker;
         ``model``: registry name or checkpoint path; ``device``/``quality``: combo box choices; ``exportDatasetName``
         / ``exportSplit``: the "Export for training" section (its folder is an application setting: one dataset
-        folder collects the exports of many scenes)."""
+        folder collects the exports of many scenes). The segmentation settings are the engine request's
+        (UniversalSegLib.request), under the names of ``PARAMETER_NODE_FIELDS`` (UniversalSegSlicerLib.parameters;
+        the .ui binds them and saved scenes store them); Testing/test_request.py checks them one to one."""
 
         inputVolume: slicer.vtkMRMLScalarVolumeNode
         outputSegmentation: slicer.vtkMRMLSegmentationNode
@@ -845,8 +1008,9 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.customModelPathLineEdit.currentPathChanged.connect(self._onCustomModelPathChanged)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.editSegmentsButton.clicked.connect(self.onEditSegments)
-        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
-                                                   self.ui.segmentationShow3DButton.setSegmentationNode)
+        self.ui.outputSegmentationSelector.connect(
+            "currentNodeChanged(vtkMRMLNode*)", self.ui.segmentationShow3DButton.setSegmentationNode
+        )
 
         # Review and export for training
         table = self.ui.segmentReviewTable
@@ -944,8 +1108,12 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.outputSegmentationSelector.baseName = f"{node.inputVolume.GetName()} segmentation"
             fast = node.quality == "fast"
             self.ui.overlapSliderWidget.enabled = not fast
-            for checkBox in (self.ui.largestComponentCheckBox, self.ui.lungSplitCheckBox,
-                             self.ui.portalVeinFilterCheckBox, self.ui.tumorFilterCheckBox):
+            for checkBox in (
+                self.ui.largestComponentCheckBox,
+                self.ui.lungSplitCheckBox,
+                self.ui.portalVeinFilterCheckBox,
+                self.ui.tumorFilterCheckBox,
+            ):
                 checkBox.enabled = node.postprocess
         finally:
             self._syncing = False
@@ -973,13 +1141,19 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 pixmap = qt.QPixmap(14, 14)
                 pixmap.fill(qt.QColor(*info.color))
                 item.setIcon(0, qt.QIcon(pixmap))
-                item.setToolTip(0, f"{info.name} - also: {', '.join(info.synonyms[:6])}" if info.synonyms else info.name)
+                item.setToolTip(
+                    0, f"{info.name} - also: {', '.join(info.synonyms[:6])}" if info.synonyms else info.name
+                )
                 self._classItems[info.file_stem] = item
             group.setExpanded(True)
 
     def _checkedStems(self) -> list[str]:
         # A group's tristate check also checks its disabled children (classes the model lacks): leave those out.
-        return [stem for stem, item in self._classItems.items() if item.checkState(0) == qt.Qt.Checked and not item.isDisabled()]
+        return [
+            stem
+            for stem, item in self._classItems.items()
+            if item.checkState(0) == qt.Qt.Checked and not item.isDisabled()
+        ]
 
     def _markProvidedClasses(self, model: str) -> None:
         """Grey out the classes ``model`` does not provide (asking for one would fail) and show held-out Dice."""
@@ -991,7 +1165,9 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             tip = item.data(0, qt.Qt.UserRole + 1) or item.toolTip(0)
             item.setData(0, qt.Qt.UserRole + 1, tip)
             if lacks:
-                item.setToolTip(0, f"{name}: not provided by the model {model or DEFAULT_MODEL}; choose another model for it")
+                item.setToolTip(
+                    0, f"{name}: not provided by the model {model or DEFAULT_MODEL}; choose another model for it"
+                )
             elif provided is not None and provided.get(stem) is not None:
                 item.setToolTip(0, f"{tip} - Dice {provided[stem]:.2f} on a patient the model never saw")
             else:
@@ -1037,8 +1213,11 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is None:
             return
         names = [c.name for c in self._requestedClasses()]
-        self.ui.classCountLabel.text = (f"{len(names)} classes: {', '.join(names)}" if names
-                                        else "No classes selected: tick classes or type a prompt.")
+        self.ui.classCountLabel.text = (
+            f"{len(names)} classes: {', '.join(names)}"
+            if names
+            else "No classes selected: tick classes or type a prompt."
+        )
 
     # -- prompt preview --------------------------------------------------------------------------------------
     def _onPromptEdited(self) -> None:
@@ -1053,19 +1232,25 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             items = self.logic.describePrompt(text)
         except ImportError:
-            self.ui.promptPreviewLabel.text = ("The prompt preview needs the engine's Python packages; they are "
-                                               "installed when you first click Segment.")
+            self.ui.promptPreviewLabel.text = (
+                "The prompt preview needs the engine's Python packages; they are "
+                "installed when you first click Segment."
+            )
             return
         rows = []
         for item in items:
             text_ = _html(item["text"])
             if item["accepted"]:
-                rows.append(f"<span style='color:#1a7f37'>&#10003; '{text_}' &rarr; {_html(', '.join(item['classes']))}"
-                            f" <i>({item['method']})</i></span>")
+                rows.append(
+                    f"<span style='color:#1a7f37'>&#10003; '{text_}' &rarr; {_html(', '.join(item['classes']))}"
+                    f" <i>({item['method']})</i></span>"
+                )
             else:
                 hint = f" Did you mean: {_html(', '.join(item['suggestions']))}?" if item["suggestions"] else ""
-                rows.append(f"<span style='color:#cf222e'>&#10007; '{text_}' is not a known class.{hint} "
-                            "CLIP text matching will try it when you click Segment.</span>")
+                rows.append(
+                    f"<span style='color:#cf222e'>&#10007; '{text_}' is not a known class.{hint} "
+                    "CLIP text matching will try it when you click Segment.</span>"
+                )
         self.ui.promptPreviewLabel.text = "<br>".join(rows)
         self._updateClassCount()
         self._updateApplyButton()
@@ -1111,10 +1296,14 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelInfoLabel.text = f"Checkpoint file: {_html(model) or '(choose a file)'}"
             return
         size = f" ({row['size_text']})" if row["size"] else ""
-        status = {"bundled": "bundled with the extension", "downloaded": "downloaded",
-                  "not downloaded": f"downloaded on first use{size}"}[row["status"]]
-        licence = (f"licence <a href='{row['licence_url']}'>{_html(row['licence'])}</a>"
-                   + (" (accepted)" if row["licence_accepted"] else " - shown for acceptance before the download"))
+        status = {
+            "bundled": "bundled with the extension",
+            "downloaded": "downloaded",
+            "not downloaded": f"downloaded on first use{size}",
+        }[row["status"]]
+        licence = f"licence <a href='{row['licence_url']}'>{_html(row['licence'])}</a>" + (
+            " (accepted)" if row["licence_accepted"] else " - shown for acceptance before the download"
+        )
         self.ui.modelInfoLabel.text = f"{_html(row['description'])}<br>Weights: {status}; {licence}."
 
     # -- run -------------------------------------------------------------------------------------------------
@@ -1129,27 +1318,14 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.text = "Segment"
         ready = bool(node and node.inputVolume and (node.classes.strip() or node.prompt.strip()))
         self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = ("Segment the chosen classes" if ready
-                                       else "Choose an input volume, and tick classes or type a prompt")
+        self.ui.applyButton.toolTip = (
+            "Segment the chosen classes" if ready else "Choose an input volume, and tick classes or type a prompt"
+        )
 
     def _parameters(self) -> SegmentationParameters:
-        node = self._parameterNode
-        fast = node.quality == "fast"
-        return SegmentationParameters(
-            classes=[s for s in node.classes.split(",") if s],
-            prompt=node.prompt,
-            model=node.model,
-            device={"auto": "auto", "gpu": "cuda", "cpu": "cpu"}[node.device],
-            fast=fast,
-            overlap=None if fast else node.overlap,
-            threshold=node.threshold,
-            postprocess=node.postprocess,
-            largestComponent=node.largestComponent,
-            lungSplit=node.lungSplit,
-            portalVeinFilter=node.portalVeinFilter,
-            tumorFilter=node.tumorFilter,
-            overwrite=node.overwrite,
-        )
+        # The node's setting fields map one to one onto the request's (PARAMETER_NODE_FIELDS, checked by
+        # Testing/test_request.py); quality "fast" is the request's fast preset.
+        return SegmentationParameters.fromParameterNode(self._parameterNode)
 
     def onApplyButton(self) -> None:
         if self._task is not None and not self._task.finished:
@@ -1168,8 +1344,13 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             with slicer.util.WaitCursor():
                 self._task = self.logic.startSegmentation(
-                    self._parameterNode.inputVolume, self._parameterNode.outputSegmentation, parameters,
-                    onProgress=self._onProgress, onLog=self._log, onFinished=self._onFinished)
+                    self._parameterNode.inputVolume,
+                    self._parameterNode.outputSegmentation,
+                    parameters,
+                    onProgress=self._onProgress,
+                    onLog=self._log,
+                    onFinished=self._onFinished,
+                )
         except Exception as exc:  # noqa: BLE001 - bad input or the engine would not start: tell the user
             logger.exception("segmentation could not start")
             self.ui.statusLabel.text = f"Could not start: {printable(exc)}"
@@ -1200,10 +1381,13 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Python packages conflict with this Slicer's own packages."
             return False
         if not slicer.util.confirmOkCancelDisplay(
-                "UniversalSeg needs these Python packages, which are not installed yet or are too old:\n\n"
-                + "\n".join(plan.describe()) + "\n\nThey will be downloaded and installed into Slicer's Python "
-                "(PyTorch through the PyTorch extension, which asks once more); Slicer's own packages are kept as they "
-                "are. This can take several minutes. Install now?", "Install Python packages"):
+            "UniversalSeg needs these Python packages, which are not installed yet or are too old:\n\n"
+            + "\n".join(plan.describe())
+            + "\n\nThey will be downloaded and installed into Slicer's Python "
+            "(PyTorch through the PyTorch extension, which asks once more); Slicer's own packages are kept as they "
+            "are. This can take several minutes. Install now?",
+            "Install Python packages",
+        ):
             self.ui.statusLabel.text = "Cancelled: the required Python packages are not installed."
             return False
         self.ui.statusLabel.text = "Installing Python packages..."
@@ -1216,8 +1400,9 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         if restart:
             self.ui.statusLabel.text = "Restart Slicer to finish the installation."
-            if slicer.util.confirmOkCancelDisplay("Slicer must restart to use the updated Python packages. "
-                                                  "Restart now?", "Restart needed"):
+            if slicer.util.confirmOkCancelDisplay(
+                "Slicer must restart to use the updated Python packages. Restart now?", "Restart needed"
+            ):
                 slicer.util.restart()
             return False
         return True
@@ -1227,7 +1412,9 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         accepted = slicer.util.confirmOkCancelDisplay(
             f"The weights of '{entry.name}' are licensed under {entry.licence}:\n{entry.licence_url}\n\n"
             f"{entry.description}\n\nThe weights are downloaded once, on the first run. Press OK to accept the "
-            "licence and continue.", "Model licence")
+            "licence and continue.",
+            "Model licence",
+        )
         if accepted:
             self.logic.acceptModelLicence(model)
             self._updateModelInfo()
@@ -1325,8 +1512,10 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pixmap.fill(qt.QColor.fromRgbF(*segment.GetColor()))
             nameItem.setIcon(qt.QIcon(pixmap))
             provenance = self.logic.segmentProvenance(node, row.segmentId)
-            nameItem.setToolTip("\n".join(f"{k}: {v}" for k, v in provenance.items() if k != "Fingerprint")
-                                or "Not made by UniversalSeg")
+            nameItem.setToolTip(
+                "\n".join(f"{k}: {v}" for k, v in provenance.items() if k != "Fingerprint")
+                or "Not made by UniversalSeg"
+            )
             stateItem = qt.QTableWidgetItem(row.stateText)
             stateItem.setForeground(qt.QBrush(qt.QColor(colours[row.state])))
             trainingItem = qt.QTableWidgetItem(row.trainingText)
@@ -1337,12 +1526,17 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table.resizeColumnToContents(0)
         table.resizeColumnToContents(1)
         exported = [f"{row.className} ({row.confirmation})" for row in rows if row.annotated]
-        summary = (f"{len(exported)} of {len(rows)} segments are exported as training labels: {', '.join(exported)}."
-                   if exported else f"None of the {len(rows)} segments is reviewed or edited yet: nothing to export.")
+        summary = (
+            f"{len(exported)} of {len(rows)} segments are exported as training labels: {', '.join(exported)}."
+            if exported
+            else f"None of the {len(rows)} segments is reviewed or edited yet: nothing to export."
+        )
         stale = [row.name for row in rows if row.stale]
         if stale:
-            summary += (f"\n{len(stale)} changed or loaded since the last check ({', '.join(stale[:5])}"
-                        f"{', ...' if len(stale) > 5 else ''}): click Refresh to compare them with the AI masks.")
+            summary += (
+                f"\n{len(stale)} changed or loaded since the last check ({', '.join(stale[:5])}"
+                f"{', ...' if len(stale) > 5 else ''}): click Refresh to compare them with the AI masks."
+            )
         self.ui.reviewSummaryLabel.text = summary
         self.ui.trackSegmentsButton.enabled = any(row.state == STATE_MANUAL and row.classIndex for row in rows)
         self._updateExportButton()
@@ -1363,9 +1557,11 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         model = self._parameterNode.model if self._parameterNode else ""
         if not slicer.util.confirmOkCancelDisplay(
-                "Treat the segments named after catalog classes as unreviewed output of the model "
-                f"'{model}' from now on? Changes you make afterwards show as 'Edited'. Segments you already "
-                "corrected should be marked reviewed after this.", "Track loaded segments"):
+            "Treat the segments named after catalog classes as unreviewed output of the model "
+            f"'{model}' from now on? Changes you make afterwards show as 'Edited'. Segments you already "
+            "corrected should be marked reviewed after this.",
+            "Track loaded segments",
+        ):
             return
         tracked = self.logic.trackSegments(node, model=model)
         self.ui.exportStatusLabel.text = f"Tracking {len(tracked)} segment{'s' if len(tracked) != 1 else ''}."
@@ -1378,7 +1574,9 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.enabled = ready
         self.ui.exportButton.toolTip = (
             "Write the CT, a label map of the reviewed and edited segments and the dataset entry into the export folder"
-            if ready else "Choose the input CT, its segmentation and an export folder")
+            if ready
+            else "Choose the input CT, its segmentation and an export folder"
+        )
 
     def onExportButton(self) -> None:
         from UniversalSegLib.training_export import OverlapError
@@ -1387,21 +1585,25 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not node or not node.inputVolume or not node.outputSegmentation:
             return
         folder = self.ui.exportFolderPathLineEdit.currentPath
-        kwargs = dict(caseId=self.ui.exportCaseIdLineEdit.text.strip() or None, split=node.exportSplit,
-                      datasetName=node.exportDatasetName.strip() or None)
+        kwargs = dict(
+            caseId=self.ui.exportCaseIdLineEdit.text.strip() or None,
+            split=node.exportSplit,
+            datasetName=node.exportDatasetName.strip() or None,
+        )
         try:
             try:
                 with slicer.util.WaitCursor():
                     report = self.logic.exportForTraining(node.inputVolume, node.outputSegmentation, folder, **kwargs)
             except OverlapError as exc:
                 if not slicer.util.confirmOkCancelDisplay(
-                        f"{exc}.\n\nExport one mask per class instead? Training reads both forms.",
-                        "Segments overlap"):
+                    f"{exc}.\n\nExport one mask per class instead? Training reads both forms.", "Segments overlap"
+                ):
                     self.ui.exportStatusLabel.text = "Not exported: segments overlap."
                     return
                 with slicer.util.WaitCursor():
-                    report = self.logic.exportForTraining(node.inputVolume, node.outputSegmentation, folder,
-                                                          allowPerClassMasks=True, **kwargs)
+                    report = self.logic.exportForTraining(
+                        node.inputVolume, node.outputSegmentation, folder, allowPerClassMasks=True, **kwargs
+                    )
         except UniversalSegError as exc:
             self.ui.exportStatusLabel.text = f"Not exported: {exc}"
             slicer.util.errorDisplay(f"Export for training failed:\n{exc}", windowTitle="UniversalSeg")
@@ -1414,7 +1616,6 @@ class UniversalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportFolderPathLineEdit.addCurrentPathToHistory()
         self.ui.exportStatusLabel.text = report.to_text()
         self._log(report.to_text())
-
 
 
 def _html(text: str) -> str:
@@ -1464,8 +1665,9 @@ class UniversalSegTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Segmenting (CPU, fast mode)")
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "UniversalSeg test")
-        parameters = SegmentationParameters(classes=list(self.CLASSES), model=DEFAULT_MODEL, device="cpu",
-                                            fast=True, acceptLicence=True)
+        parameters = SegmentationParameters(
+            classes=list(self.CLASSES), model=DEFAULT_MODEL, device="cpu", fast=True, acceptLicence=True
+        )
         report = logic.segment(volume, segmentation, parameters, onLog=logging.info)
         catalog = logic.catalog
         expected = [catalog.lookup(stem) for stem in self.CLASSES]
@@ -1476,8 +1678,9 @@ class UniversalSegTest(ScriptedLoadableModuleTest):
             segmentId = report.segmentIds[info.index]
             segment = segments.GetSegment(segmentId)
             self.assertEqual(segment.GetName(), info.name)
-            self.assertEqual(getTag(segment, slicer.vtkSegment.GetTerminologyEntryTagName()),
-                             catalog.slicer_terminology(info))
+            self.assertEqual(
+                getTag(segment, slicer.vtkSegment.GetTerminologyEntryTagName()), catalog.slicer_terminology(info)
+            )
             self.assertEqual(logic.segmentState(segmentation, segmentId), STATE_AI)
             self.assertEqual(logic.segmentProvenance(segmentation, segmentId)["ClassIndex"], str(info.index))
             voxels = int(logic.segmentArray(segmentation, segmentId, volume).sum())
@@ -1490,7 +1693,8 @@ class UniversalSegTest(ScriptedLoadableModuleTest):
         edited[slices[: max(1, len(slices) // 2)]] = False  # erase its lower half, as a user would with the Scissors
         labelmap = _orientedImageFromMask(edited, _ijkToRas(volume))
         slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-            labelmap, segmentation, aortaId, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+            labelmap, segmentation, aortaId, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+        )
         self.assertEqual(logic.segmentState(segmentation, aortaId), STATE_EDITED)
         again = logic.segment(volume, segmentation, replace(parameters, classes=["aorta"]))
         self.assertEqual(again.keptEdited, ["Aorta"])
@@ -1509,4 +1713,3 @@ class UniversalSegTest(ScriptedLoadableModuleTest):
         finally:
             shutil.rmtree(exportFolder, ignore_errors=True)
         self.delayDisplay("Test passed")
-

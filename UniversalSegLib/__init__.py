@@ -5,6 +5,7 @@ Main entry points::
     from UniversalSegLib import segment, load_model, ClassCatalog
     result = segment("ct.nii.gz", classes="liver,spleen")
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
@@ -35,7 +36,20 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ClassCatalog", "ClassInfo", "CheckpointError", "ClassNameError", "DownloadError", "InputError",
-    "UniversalSegError", "load_model", "load_checkpoint", "save_checkpoint", "segment", "Engine",
-    "SegmentationOptions", "SegmentationResult", "resolve_prompt", "resolve_prompts",
+    "ClassCatalog",
+    "ClassInfo",
+    "CheckpointError",
+    "ClassNameError",
+    "DownloadError",
+    "InputError",
+    "UniversalSegError",
+    "load_model",
+    "load_checkpoint",
+    "save_checkpoint",
+    "segment",
+    "Engine",
+    "SegmentationOptions",
+    "SegmentationResult",
+    "resolve_prompt",
+    "resolve_prompts",
 ]

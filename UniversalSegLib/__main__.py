@@ -1,4 +1,5 @@
 """``python -m UniversalSegLib`` runs the ``universalseg`` command line."""
+
 import sys
 
 from .cli import main

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from UniversalSegLib.errors import ClassNameError
 
@@ -24,6 +24,8 @@ __all__ = [
     "ClassCatalog",
     "normalize_name",
     "DEFAULT_CLASSES_JSON",
+    "model_class_indices",
+    "rows_for",
 ]
 
 PROMPT_TEMPLATE = "A computerized tomography of a {}"
@@ -103,13 +105,15 @@ class ClassCatalog:
         for info in self._classes:
             if info.kind not in KINDS:
                 raise ClassNameError(
-                    f"class '{info.name}' has unknown kind '{info.kind}'; use one of {', '.join(KINDS)}")
+                    f"class '{info.name}' has unknown kind '{info.kind}'; use one of {', '.join(KINDS)}"
+                )
             for alias in info.all_names:
                 key = normalize_name(alias)
                 other = self._by_key.get(key)
                 if other is not None and other.index != info.index:
                     raise ClassNameError(
-                        f"name '{alias}' is given to both '{other.name}' and '{info.name}'; fix the catalog JSON")
+                        f"name '{alias}' is given to both '{other.name}' and '{info.name}'; fix the catalog JSON"
+                    )
                 self._by_key[key] = info
         for info in self._classes:
             for p in info.parents:
@@ -149,15 +153,18 @@ class ClassCatalog:
                     type=CodedConcept.from_dict(d["type"]),  # type: ignore[arg-type]
                     type_modifier=CodedConcept.from_dict(d.get("type_modifier")),
                     anatomic_region=CodedConcept.from_dict(d.get("anatomic_region")),
-                    terminology_context=str(d.get("terminology_context")
-                                            or "Segmentation category and type - 3D Slicer General Anatomy list"),
+                    terminology_context=str(
+                        d.get("terminology_context")
+                        or "Segmentation category and type - 3D Slicer General Anatomy list"
+                    ),
                     note=d.get("note"),
                 )
                 for d in items
             ]
         except (KeyError, TypeError, ValueError) as e:
             raise ClassNameError(
-                f"class catalog {path} is malformed ({e!r}); compare it with data/classes.json") from None
+                f"class catalog {path} is malformed ({e!r}); compare it with data/classes.json"
+            ) from None
         return cls(classes)
 
     # ------------------------------------------------------------------ container protocol
@@ -205,8 +212,9 @@ class ClassCatalog:
             return []
         keys = list(self._by_key)
         out: list[str] = []
-        for key, _score, _ in process.extract(query, keys, scorer=fuzz.WRatio, processor=utils.default_process,
-                                              limit=limit * 8):
+        for key, _score, _ in process.extract(
+            query, keys, scorer=fuzz.WRatio, processor=utils.default_process, limit=limit * 8
+        ):
             name = self._by_key[key].name
             if name not in out:
                 out.append(name)
@@ -262,3 +270,79 @@ class ClassCatalog:
 @lru_cache(maxsize=1)
 def _default_catalog() -> ClassCatalog:
     return ClassCatalog.from_json(DEFAULT_CLASSES_JSON)
+
+
+# ---------------------------------------------------------------------------------------------------- model classes
+def _row_names(model_or_names: Any) -> tuple[list[str], str]:
+    """(names of the model's rows, a label for messages) of a model (``class_names``) or a list of names."""
+    names = getattr(model_or_names, "class_names", model_or_names)
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(
+            f"expected a model with class_names or a list of class names, got {type(model_or_names).__name__}"
+        )
+    label = ""
+    meta = getattr(model_or_names, "metadata", None)
+    if isinstance(meta, dict) and meta.get("name"):
+        label = f" {meta['name']!r}"
+    return [str(n) for n in names], label
+
+
+def model_class_indices(
+    model_or_names: Any, catalog: ClassCatalog | None = None, *, strict: bool = True
+) -> list[int | None]:
+    """The catalog index of each row of a model's class embeddings (``model.class_names``, or a list of names).
+
+    This is the one mapping from a model's rows to catalog classes (engine, training, benchmarks). A row is matched by
+    its catalog file stem first ("right_kidney"), then by display name, upstream prompt name or synonym (case, space
+    and punctuation insensitive, :meth:`ClassCatalog.find`); its position in the model says nothing.
+
+    Raises:
+        ClassNameError: (``strict``) a row no catalog class answers to, or two rows naming one class; one line.
+            Without ``strict`` such rows map to None (a duplicate keeps its first row).
+    """
+    catalog = catalog or ClassCatalog.default()
+    names, label = _row_names(model_or_names)
+    by_stem = {c.file_stem: c for c in catalog}
+    out: list[int | None] = []
+    seen: dict[int, int] = {}
+    for row, name in enumerate(names):
+        info = by_stem.get(name.strip()) or catalog.find(name)
+        if info is not None and info.index in seen:
+            if strict:
+                raise ClassNameError(
+                    f"model{label}: rows {seen[info.index]} and {row} both name class "
+                    f"'{info.name}'; fix the checkpoint's class_names"
+                )
+            info = None
+        if info is None:
+            if strict:
+                raise ClassNameError(
+                    f"model{label}: row {row} is class '{name}', which the class catalog does not "
+                    "know; give the catalog the model was trained with"
+                )
+            out.append(None)
+            continue
+        seen[info.index] = row
+        out.append(info.index)
+    return out
+
+
+def rows_for(model_or_names: Any, indices: Iterable[int], catalog: ClassCatalog | None = None) -> list[int]:
+    """The model rows (0-based, into ``organ_embedding``) of the given catalog indices, in their order: the inverse
+    of :func:`model_class_indices`. Rows the catalog does not know are ignored here.
+
+    Raises:
+        ClassNameError: the model has no row for one of ``indices`` (it was not trained for that class).
+    """
+    catalog = catalog or ClassCatalog.default()
+    names, label = _row_names(model_or_names)
+    row_of = {
+        index: row for row, index in enumerate(model_class_indices(names, catalog, strict=False)) if index is not None
+    }
+    out = []
+    for index in indices:
+        info = catalog[int(index)]
+        if info.index not in row_of:
+            raise ClassNameError(f"model{label} was not trained for {info.name!r}; it knows: " + ", ".join(names))
+        out.append(row_of[info.index])
+    return out

@@ -7,6 +7,7 @@ Two formats, both loaded without executing code from the file:
 * the project's own format: a ``.safetensors`` file whose header metadata (``"universalseg"``, JSON) names the
   architecture, width, classes, prompt template, licence and provenance, and whose tensors are the state dict.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ import torch
 
 from .catalog import PROMPT_TEMPLATE, ClassCatalog
 from .errors import CheckpointError
-from .output_safety import safe_output
 from .networks.universal_model import ModelConfig, UniversalModel
+from .output_safety import safe_output
 
 FORMAT_NAME = "universalseg-checkpoint"
 FORMAT_VERSION = 1
@@ -61,17 +62,25 @@ def _load_pth(path: Path) -> Any:
             "download or copy it again"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)} (corrupt or not a PyTorch file?)") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {_first_line(exc)} (corrupt or not a PyTorch file?)"
+        ) from None
 
 
 def detect_official_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
     """Architecture and width of a released-layout state dict (keys with or without ``module.``)."""
     keys = {k.removeprefix("module.") for k in state_dict}
     if "backbone.down_tr64.ops.0.conv1.weight" in keys:
-        weight = state_dict.get("module.backbone.down_tr64.ops.0.conv1.weight", state_dict.get("backbone.down_tr64.ops.0.conv1.weight"))
+        weight = state_dict.get(
+            "module.backbone.down_tr64.ops.0.conv1.weight", state_dict.get("backbone.down_tr64.ops.0.conv1.weight")
+        )
+        assert weight is not None  # the key is in the state dict (checked above)
         return ModelConfig("unet", int(weight.shape[0]))
     if "swinViT.patch_embed.proj.weight" in keys:
-        weight = state_dict.get("module.swinViT.patch_embed.proj.weight", state_dict.get("swinViT.patch_embed.proj.weight"))
+        weight = state_dict.get(
+            "module.swinViT.patch_embed.proj.weight", state_dict.get("swinViT.patch_embed.proj.weight")
+        )
+        assert weight is not None  # the key is in the state dict (checked above)
         return ModelConfig("swinunetr", int(weight.shape[0]))
     raise CheckpointError(
         "checkpoint matches neither released layout: no 'module.backbone.down_tr64...' (unet) or "
@@ -100,7 +109,9 @@ def _load_state_strict(model: UniversalModel, state: Mapping[str, torch.Tensor],
             parts.append(f"missing keys: {_list_keys(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_list_keys(unexpected)}")
-        raise CheckpointError(f"checkpoint {source} does not match the {model.config.architecture} model; " + "; ".join(parts))
+        raise CheckpointError(
+            f"checkpoint {source} does not match the {model.config.architecture} model; " + "; ".join(parts)
+        )
     wrong = {k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)}
     if wrong:
         k = sorted(wrong)[0]
@@ -116,13 +127,19 @@ def load_official_checkpoint(path: str | Path) -> UniversalModel:
     path = Path(path)
     obj = _load_pth(path)
     if not isinstance(obj, Mapping) or "net" not in obj or not isinstance(obj["net"], Mapping):
-        raise CheckpointError(f"{path} is not in the released layout: expected a dict with key 'net' holding the state dict")
+        raise CheckpointError(
+            f"{path} is not in the released layout: expected a dict with key 'net' holding the state dict"
+        )
     state = dict(obj["net"])
     not_prefixed = [k for k in state if not k.startswith("module.")]
     if not_prefixed:
-        raise CheckpointError(f"{path}: released checkpoints prefix every key with 'module.'; unexpected keys: {_list_keys(set(not_prefixed))}")
+        raise CheckpointError(
+            f"{path}: released checkpoints prefix every key with 'module.'; unexpected keys: {_list_keys(set(not_prefixed))}"
+        )
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: the state dict under 'net' holds values that are not tensors; it is not a model checkpoint")
+        raise CheckpointError(
+            f"{path}: the state dict under 'net' holds values that are not tensors; it is not a model checkpoint"
+        )
     config = detect_official_config(state)
     state = official_to_model_keys(state)
     embeddings = state.get("organ_embedding")
@@ -132,7 +149,9 @@ def load_official_checkpoint(path: str | Path) -> UniversalModel:
     _check_finite(state, path)
     _load_state_strict(model, state, path)
     catalog = ClassCatalog.default()
-    model.class_names = [catalog[i + 1].name for i in range(num_classes)] if num_classes <= len(catalog) else model.class_names
+    model.class_names = (
+        [catalog[i + 1].name for i in range(num_classes)] if num_classes <= len(catalog) else model.class_names
+    )
     model.metadata = {
         "format": "official",
         "architecture": config.architecture,
@@ -231,7 +250,9 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # safetensors raises its own error types for malformed headers
         raise CheckpointError(f"cannot read {path} as safetensors: {str(exc).splitlines()[0][:200]}") from None
     if raw is None:
-        raise CheckpointError(f"{path} is a safetensors file without UniversalSeg metadata ('{METADATA_KEY}' header entry)")
+        raise CheckpointError(
+            f"{path} is a safetensors file without UniversalSeg metadata ('{METADATA_KEY}' header entry)"
+        )
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError:
@@ -310,7 +331,13 @@ def checkpoint_kind(path: Path) -> str:
                 f"checkpoint {path} is truncated (a safetensors header of {header_end - 8} bytes in a file of {size}); "
                 "the download or copy was cut short: fetch it again"
             )
-    kind = "torch-zip" if head.startswith(b"PK\x03\x04") else "pickle" if head[:1] == b"\x80" and 2 <= head[1] <= 5 else None
+    kind = (
+        "torch-zip"
+        if head.startswith(b"PK\x03\x04")
+        else "pickle"
+        if head[:1] == b"\x80" and 2 <= head[1] <= 5
+        else None
+    )
     if path.name.lower().endswith(".safetensors"):
         what = "a PyTorch (pickle) file" if kind else "not a safetensors file"
         raise CheckpointError(
@@ -365,7 +392,9 @@ def load_model(
     """
     from .registry import DEFAULT_MODEL, ModelRegistry
 
-    path = ModelRegistry.default().resolve(path_or_name or DEFAULT_MODEL, accept_licence=accept_licence, progress=download_progress)
+    path = ModelRegistry.default().resolve(
+        path_or_name or DEFAULT_MODEL, accept_licence=accept_licence, progress=download_progress
+    )
     model = load_checkpoint(path)
     model.metadata.setdefault("name", str(path_or_name or DEFAULT_MODEL))
     return model.to(resolve_device(device)).eval()

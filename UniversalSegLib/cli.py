@@ -1,4 +1,5 @@
 """The ``universalseg`` command line: segment CTs (one scan or a folder), resolve prompts, list classes and models."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,12 +9,12 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
 from .errors import InputError, UniversalSegError, printable
+from .request import SegmentationRequest
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 OUTPUT_SUFFIXES = {"nii": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "dicom-seg": ".dcm"}
@@ -28,51 +29,57 @@ def _add_segment_parser(sub) -> None:
         help="segment a CT (file or DICOM folder) or a folder of CTs",
         description="Segment abdominal organs and tumors in CT scans with the CLIP-Driven Universal Model.",
     )
-    p.add_argument("input", help="CT file (.nii.gz, .nrrd, .mha, .mhd), DICOM series folder, or a folder of scans (batch)")
+    p.add_argument(
+        "input", help="CT file (.nii.gz, .nrrd, .mha, .mhd), DICOM series folder, or a folder of scans (batch)"
+    )
     p.add_argument("-o", "--output", required=True, help="output file (single scan) or folder (batch)")
-    what = p.add_argument_group("what to segment")
-    what.add_argument("--classes", help="comma-separated class names, or 'all' (every class the model knows; the default unless --prompt is given)")
-    what.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                      help="free text, e.g. 'IVC and both kidneys' (repeatable; combines with --classes)")
-    what.add_argument("--experimental-prompts", action="store_true",
-                      help="feed unrecognised prompt items as raw CLIP embeddings to the model (EXPERIMENTAL results)")
-    model = p.add_argument_group("model and device")
-    model.add_argument("--model", help="registry name (see 'universalseg models') or checkpoint path (default: bundled model)")
-    model.add_argument("--accept-licence", "--accept-license", action="store_true", dest="accept_licence",
-                       help="accept the model weights' licence (needed once before downloading official weights)")
-    model.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
-    run = p.add_argument_group("inference")
-    run.add_argument("--overlap", type=float, help="window overlap in [0, 1) (default 0.5; 0.0 with --fast)")
-    run.add_argument("--fast", action="store_true",
-                     help="lower-cost mode: windows without overlap, bfloat16 backbone on CPUs that have it (see README, Performance)")
-    run.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
-                     help="what runs the network: auto (OpenVINO on the CPU when installed, else PyTorch), torch or openvino")
-    run.add_argument("--window-batch", type=int, default=1, help="windows per network call (default 1)")
-    run.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5, strictly greater)")
-    run.add_argument("--class-threshold", action="append", default=[], metavar="CLASS=T",
-                     help="per-class threshold override, e.g. 'liver tumor=0.3' (repeatable)")
+    # The segmentation settings' flags come from the request's fields (UniversalSegLib.request).
+    groups = SegmentationRequest.add_arguments(p)
+    groups["what to segment"].add_argument(
+        "--experimental-prompts",
+        action="store_true",
+        help="feed unrecognised prompt items as raw CLIP embeddings to the model (EXPERIMENTAL results)",
+    )
+    groups["model and device"].add_argument(
+        "--accept-licence",
+        "--accept-license",
+        action="store_true",
+        dest="accept_licence",
+        help="accept the model weights' licence (needed once before downloading official weights)",
+    )
+    run = groups["inference"]
     run.add_argument("--frame", type=int, help="frame (0-based) of a 4-D input to segment")
     run.add_argument("--force", action="store_true", help="segment even if the intensities do not look like CT (HU)")
-    post = p.add_argument_group("post-processing (published steps, on by default)")
-    post.add_argument("--no-postprocess", action="store_true", help="switch off all post-processing")
-    post.add_argument("--no-largest-component", action="store_true", help="organs keep all components, not just the largest")
-    post.add_argument("--no-lung-split", action="store_true", help="do not merge and re-split the lungs by position")
-    post.add_argument("--no-portal-vein-filter", action="store_true", help="do not clear portal/splenic vein below the pancreas")
-    post.add_argument("--no-tumor-filter", action="store_true", help="keep kidney/liver tumors outside their organs")
     out = p.add_argument_group("outputs")
-    out.add_argument("--format", choices=sorted(OUTPUT_SUFFIXES), help="output format (default: from the output's suffix)")
-    out.add_argument("--split-masks", metavar="DIR", help="also write one binary mask per class into DIR (<file_stem>.nii.gz)")
+    out.add_argument(
+        "--format", choices=sorted(OUTPUT_SUFFIXES), help="output format (default: from the output's suffix)"
+    )
+    out.add_argument(
+        "--split-masks", metavar="DIR", help="also write one binary mask per class into DIR (<file_stem>.nii.gz)"
+    )
     out.add_argument("--summary", metavar="JSON", help="write a JSON summary (volumes in mL, model, device, timings)")
     batch = p.add_argument_group("batch (INPUT is a folder of scans)")
-    batch.add_argument("--shard", metavar="I/N", help="process only scans with index %% N == I (0-based), e.g. $SLURM_ARRAY_TASK_ID/8")
+    batch.add_argument(
+        "--shard", metavar="I/N", help="process only scans with index %% N == I (0-based), e.g. $SLURM_ARRAY_TASK_ID/8"
+    )
     batch.add_argument("--redo", action="store_true", help="segment scans whose output already exists again")
     dicom = p.add_argument_group("DICOM series checks")
-    dicom.add_argument("--skip-unreadable-slices", action="store_true",
-                       help="segment a DICOM series without its unreadable files (refused by default; named in the summary's warnings)")
-    dicom.add_argument("--allow-irregular-slices", action="store_true",
-                       help="segment a DICOM series with missing slices or uneven spacing (refused by default)")
-    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
-                   help="progress display: a bar on stderr, JSON lines on stdout (for the Slicer module), or none")
+    dicom.add_argument(
+        "--skip-unreadable-slices",
+        action="store_true",
+        help="segment a DICOM series without its unreadable files (refused by default; named in the summary's warnings)",
+    )
+    dicom.add_argument(
+        "--allow-irregular-slices",
+        action="store_true",
+        help="segment a DICOM series with missing slices or uneven spacing (refused by default)",
+    )
+    p.add_argument(
+        "--progress",
+        choices=("bar", "json", "none"),
+        default="bar",
+        help="progress display: a bar on stderr, JSON lines on stdout (for the Slicer module), or none",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,12 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="model whose class embeddings the CLIP step compares with")
     r.add_argument("--no-clip", action="store_true", help="skip the CLIP step (no download)")
     r.add_argument("--experimental-prompts", action="store_true", help="report unrecognised items as experimental")
-    demo = sub.add_parser("demo", help="segment the bundled sample CT with the default model; writes a PNG overlay to look at")
-    demo.add_argument("-o", "--output", default="universalseg_demo", help="output folder (default: ./universalseg_demo)")
-    demo.add_argument("--model", help="model name or path (default: the bundled model)")
-    demo.add_argument("--classes", help="comma-separated class names (default: every class the model knows)")
-    demo.add_argument("--fast", action="store_true", help="lower-cost mode")
-    demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    demo = sub.add_parser(
+        "demo", help="segment the bundled sample CT with the default model; writes a PNG overlay to look at"
+    )
+    demo.add_argument(
+        "-o", "--output", default="universalseg_demo", help="output folder (default: ./universalseg_demo)"
+    )
+    SegmentationRequest.add_arguments(demo, exclude=("prompt",))  # the settings of segment, but classes only
     demo.add_argument("--accept-licence", "--accept-license", action="store_true", dest="accept_licence")
     demo.add_argument("--progress", choices=("bar", "json", "none"), default="bar")
     c = sub.add_parser("classes", help="list the class catalog and which classes a model provides")
@@ -117,8 +125,14 @@ class _Progress:
         if mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=1000, desc=label, unit="‰", leave=False, file=sys.stderr,
-                            bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+            self.bar = tqdm(
+                total=1000,
+                desc=label,
+                unit="‰",
+                leave=False,
+                file=sys.stderr,
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
+            )
 
     def __call__(self, fraction: float, stage: str) -> None:
         if self.mode == "json":
@@ -184,35 +198,6 @@ def _is_batch_input(path: Path) -> bool:
     return not any(_is_dicom_file(p) for p in files)
 
 
-def _class_thresholds(items: Sequence[str]) -> dict[int, float]:
-    from .catalog import ClassCatalog
-
-    catalog = ClassCatalog.default()
-    out = {}
-    for item in items:
-        name, sep, value = item.rpartition("=")
-        if not sep:
-            raise InputError(f"--class-threshold needs CLASS=T, got {item!r}")
-        try:
-            out[catalog.lookup(name.strip()).index] = float(value)
-        except ValueError:
-            raise InputError(f"--class-threshold {item!r}: {value!r} is not a number") from None
-    return out
-
-
-def _postprocess_options(args):
-    from .postprocess import PostprocessOptions
-
-    if args.no_postprocess:
-        return PostprocessOptions.none()
-    return PostprocessOptions(
-        largest_component=not args.no_largest_component,
-        lungs=not args.no_lung_split,
-        portal_vein=not args.no_portal_vein_filter,
-        tumors_in_parents=not args.no_tumor_filter,
-    )
-
-
 def _output_paths(args, scan: Path | None, batch: bool):
     """(output file, split-mask folder, summary file, format) for one scan."""
     from .imageio import output_format
@@ -220,7 +205,12 @@ def _output_paths(args, scan: Path | None, batch: bool):
     if not batch:
         output = Path(args.output)
         fmt = output_format(output, args.format)
-        return output, (Path(args.split_masks) if args.split_masks else None), (Path(args.summary) if args.summary else None), fmt
+        return (
+            output,
+            (Path(args.split_masks) if args.split_masks else None),
+            (Path(args.summary) if args.summary else None),
+            fmt,
+        )
     fmt = args.format or "nii"
     name = _case_name(scan)
     folder = Path(args.output)
@@ -229,7 +219,9 @@ def _output_paths(args, scan: Path | None, batch: bool):
     return folder / f"{name}{OUTPUT_SUFFIXES[fmt]}", split, summary, fmt
 
 
-def _plan_run(args, scans: list[Path], batch: bool, stems: Sequence[str] = ()) -> list[tuple[Path, Path | None, Path | None, str]]:
+def _plan_run(
+    args, scans: list[Path], batch: bool, stems: Sequence[str] = ()
+) -> list[tuple[Path, Path | None, Path | None, str]]:
     """Check every output of the run against every input and against each other, before any work starts.
 
     Returns, per scan, (output, split-mask folder, summary, format) with the output's format suffix added."""
@@ -243,19 +235,25 @@ def _plan_run(args, scans: list[Path], batch: bool, stems: Sequence[str] = ()) -
     for scan in scans:
         output, split, summary, fmt = _output_paths(args, scan, batch)
         output, fmt = plan_outputs(
-            plan, output, fmt=fmt, split_masks=split, split_stems=list(stems), summary=summary,
-            dicom_source=scan if fmt == "dicom-seg" else None, of=scan.name if batch else None,
+            plan,
+            output,
+            fmt=fmt,
+            split_masks=split,
+            split_stems=list(stems),
+            summary=summary,
+            dicom_source=scan if fmt == "dicom-seg" else None,
+            of=scan.name if batch else None,
         )
         planned.append((output, split, summary, fmt))
     return planned
 
 
-def _requested_classes(text: str | None, catalog) -> tuple[list[int], bool]:
+def _requested_classes(names: Sequence[str] | None, catalog) -> tuple[list[int], bool]:
     """(catalog indices named by --classes, whether it said 'all'). An empty value ("" from an unset shell variable,
     or ",,,") names nothing, whatever its spelling."""
     from .pipeline import select_classes
 
-    tokens = [t.strip() for t in (text or "").split(",") if t.strip()]
+    tokens = [t.strip() for t in (names or ()) if t.strip()]
     named = [t for t in tokens if t.lower() != "all"]
     return select_classes(named, catalog) if named else [], len(named) < len(tokens)
 
@@ -266,7 +264,7 @@ def cmd_segment(args) -> int:
     from .checkpoints import resolve_device
     from .imageio import check_ct_intensities, nifti_file_bytes, read_image, write_outputs
     from .output_safety import check_free_space, check_regular_input
-    from .pipeline import NOT_ENOUGH_MEMORY, SegmentationOptions, is_out_of_memory, resolve_prompts
+    from .pipeline import NOT_ENOUGH_MEMORY, is_out_of_memory, resolve_prompts
 
     catalog = ClassCatalog.default()
     source = Path(args.input)
@@ -275,21 +273,14 @@ def cmd_segment(args) -> int:
     check_regular_input(source)  # a FIFO would block the reader forever, deaf to Ctrl-C
     batch = _is_batch_input(source)
     # Check everything the user typed before loading anything heavy.
-    options = SegmentationOptions(
-        overlap=args.overlap, sw_batch_size=args.window_batch, device=args.device, fast=args.fast, backend=args.backend,
-        threshold=args.threshold, class_thresholds=_class_thresholds(args.class_threshold),
-        postprocess=_postprocess_options(args), force=args.force, frame=args.frame,
-    )
-    options.validate()
-    resolve_device(args.device)
-    classes, wants_all = _requested_classes(args.classes, catalog)
-    if args.classes is not None and not classes and not wants_all and not args.prompt:
-        raise InputError(
-            f"--classes {args.classes!r} names no class (an empty variable?); name them, e.g. --classes liver,spleen, "
-            "or pass --classes all"
-        )
+    request = SegmentationRequest.from_args(args)
+    request.validate(catalog)  # the one check of the settings
+    options = request.to_options(force=args.force, frame=args.frame)
+    resolve_device(request.device)
+    classes, wants_all = _requested_classes(request.classes, catalog)
     read_options = dict(
-        frame=args.frame, skip_unreadable_slices=args.skip_unreadable_slices,
+        frame=args.frame,
+        skip_unreadable_slices=args.skip_unreadable_slices,
         allow_irregular_slices=args.allow_irregular_slices,
     )
     notes: list[str] = []
@@ -297,11 +288,15 @@ def cmd_segment(args) -> int:
         if args.format == "dicom-seg":
             raise InputError("--format dicom-seg needs a DICOM series input; in batch mode use nii, nrrd or seg.nrrd")
         if args.summary:
-            raise InputError("--summary applies to a single scan; in batch mode each scan's summary is written "
-                             "beside its output (<name>.summary.json)")
+            raise InputError(
+                "--summary applies to a single scan; in batch mode each scan's summary is written "
+                "beside its output (<name>.summary.json)"
+            )
         scans = find_scans(source)
         if not scans:
-            raise InputError(f"no scans found in {printable(source)} (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM sub-folders)")
+            raise InputError(
+                f"no scans found in {printable(source)} (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM sub-folders)"
+            )
         shard = _parse_shard(args.shard)
         if shard:
             scans = [s for n, s in enumerate(scans) if n % shard[1] == shard[0]]
@@ -310,23 +305,28 @@ def cmd_segment(args) -> int:
         if args.shard:
             raise InputError("--shard applies to a folder of scans, but the input is a single scan")
         scans = [source]
-        (output, _split, _summary, fmt), = _plan_run(args, scans, batch)
+        ((output, _split, _summary, fmt),) = _plan_run(args, scans, batch)
         # Read and check the scan before loading the model, so a bad input fails at once.
         preloaded = read_image(source, notes=notes, **read_options)
         check_ct_intensities(preloaded, force=args.force, name=printable(source))
         if fmt == "nii" and output.name.lower().endswith(".nii"):  # uncompressed: the size is known now
             label_bytes = 1 if len(catalog) < 256 else 2  # the label map's voxel type (see write_label_map)
-            check_free_space(output.parent, nifti_file_bytes(preloaded.GetSize(), label_bytes),
-                             f"the output '{printable(output.name)}'")
+            check_free_space(
+                output.parent,
+                nifti_file_bytes(preloaded.GetSize(), label_bytes),
+                f"the output '{printable(output.name)}'",
+            )
 
-    engine = _load_engine(args, options)
+    engine = _load_engine(args, request.model, options)
     if wants_all:
         # "all" means every class this model knows (the bundled model knows 23 of the 32); named ones still count.
         classes = sorted(set(classes) | set(engine.available_classes()))
     report: list = []
     extra = {}
-    if args.prompt:
-        resolution, note = resolve_prompts(args.prompt, engine.model, allow_experimental=args.experimental_prompts)
+    if request.prompt:
+        resolution, note = resolve_prompts(
+            list(request.prompt), engine.model, allow_experimental=args.experimental_prompts
+        )
         _print_resolution(resolution, note)
         if resolution.rejected:
             raise InputError(
@@ -336,7 +336,7 @@ def cmd_segment(args) -> int:
         report = resolution.to_json()["items"]
         classes = sorted(set(classes) | set(resolution.classes))
         extra = {it.text: it.embedding for it in resolution.experimental}
-    elif args.classes is None:
+    elif request.classes is None:
         classes = engine.available_classes()
     if not classes and not extra:
         raise InputError("no classes to segment")
@@ -365,9 +365,15 @@ def cmd_segment(args) -> int:
             result = engine.segment(
                 image, classes, extra_embeddings=extra or None, prompt_report=report, progress=progress, input_path=scan
             )
+            result.settings["request"] = request.to_json()  # the summary records what was asked
             written = write_outputs(
-                result, output, fmt=fmt, split_masks=split, summary=summary,
-                dicom_source=scan if fmt == "dicom-seg" else None, warnings=scan_notes,
+                result,
+                output,
+                fmt=fmt,
+                split_masks=split,
+                summary=summary,
+                dicom_source=scan if fmt == "dicom-seg" else None,
+                warnings=scan_notes,
             )
         except UniversalSegError as exc:
             if not batch:
@@ -388,7 +394,12 @@ def cmd_segment(args) -> int:
         done += 1
         if args.progress == "json":
             print(json.dumps({"done": True, "input": str(scan), "outputs": [str(p) for p in written]}), flush=True)
-        _info(args, printable(f"{scan.name}: wrote {', '.join(str(p) for p in written)} ({result.timings.get('total', 0):.1f} s)"))
+        _info(
+            args,
+            printable(
+                f"{scan.name}: wrote {', '.join(str(p) for p in written)} ({result.timings.get('total', 0):.1f} s)"
+            ),
+        )
     if batch:
         _info(args, f"batch finished: {done} segmented, {failures} failed, {len(scans) - done - failures} skipped")
     return EXIT_BATCH_FAILURES if failures else 0
@@ -400,18 +411,28 @@ SAMPLE_CT = Path(__file__).resolve().parent / "data" / "sample" / "abdomen_ct.ni
 def cmd_demo(args) -> int:
     from .imageio import check_writable, read_image, write_outputs
     from .overlay import render_overlay
-    from .pipeline import SegmentationOptions, select_classes
+    from .pipeline import select_classes
 
+    request = SegmentationRequest.from_args(args)
+    request.validate()
     out = Path(args.output)
     check_writable(out, is_folder=True)
     out.mkdir(parents=True, exist_ok=True)
-    engine = _load_engine(args, SegmentationOptions(fast=args.fast, device=args.device))
-    classes = select_classes(args.classes, engine.catalog, engine.available_classes()) if args.classes else engine.available_classes()
+    engine = _load_engine(args, request.model, request.to_options())
+    classes = (
+        select_classes(list(request.classes), engine.catalog, engine.available_classes())
+        if request.classes
+        else engine.available_classes()
+    )
     image = read_image(SAMPLE_CT)
-    _info(args, f"demo: segmenting the bundled sample CT ({SAMPLE_CT.name}) with {engine.model.metadata.get('name')} on {engine.device}")
+    _info(
+        args,
+        f"demo: segmenting the bundled sample CT ({SAMPLE_CT.name}) with {engine.model.metadata.get('name')} on {engine.device}",
+    )
     progress = _Progress(args.progress, SAMPLE_CT.name)
     try:
         result = engine.segment(image, classes, progress=progress, input_path=SAMPLE_CT)
+        result.settings["request"] = request.to_json()
     finally:
         progress.close()
     written = write_outputs(result, out / "segmentation.seg.nrrd", summary=out / "summary.json")
@@ -423,25 +444,28 @@ def cmd_demo(args) -> int:
     for note in result.plausibility():
         _info(args, f"  plausibility: {note}")
     _info(args, "wrote " + ", ".join(str(p) for p in written))
-    _info(args, f"open {out / 'overlay.png'} to look at the result, or load {out / 'segmentation.seg.nrrd'} in 3D Slicer")
+    _info(
+        args, f"open {out / 'overlay.png'} to look at the result, or load {out / 'segmentation.seg.nrrd'} in 3D Slicer"
+    )
     return 0
 
 
-def _load_engine(args, options):
+def _load_engine(args, model, options):
     """Load the model, showing download progress (first use of a registry model) in the chosen progress style."""
     from .download import format_size, tqdm_progress
     from .pipeline import Engine
 
     if args.progress == "json":
+
         def download_progress(done: int, total: int | None) -> None:
             stage = f"download {format_size(done)}" + (f" of {format_size(total)}" if total else "")
             print(json.dumps({"progress": 0.0, "stage": stage, "download": [done, total]}), flush=True)
 
-        return Engine(args.model, options, accept_licence=args.accept_licence, download_progress=download_progress)
+        return Engine(model, options, accept_licence=args.accept_licence, download_progress=download_progress)
     if args.progress == "bar":
         with tqdm_progress("downloading model weights") as bar:
-            return Engine(args.model, options, accept_licence=args.accept_licence, download_progress=bar)
-    return Engine(args.model, options, accept_licence=args.accept_licence)
+            return Engine(model, options, accept_licence=args.accept_licence, download_progress=bar)
+    return Engine(model, options, accept_licence=args.accept_licence)
 
 
 def _info(args, message: str) -> None:
@@ -465,7 +489,9 @@ def cmd_resolve(args) -> int:
         from .checkpoints import load_model
 
         model = load_model(args.model)
-    resolution, note = resolve_prompts(args.text, model, allow_experimental=args.experimental_prompts, use_clip=not args.no_clip)
+    resolution, note = resolve_prompts(
+        args.text, model, allow_experimental=args.experimental_prompts, use_clip=not args.no_clip
+    )
     if args.json:
         data = resolution.to_json()
         if note:
@@ -481,7 +507,6 @@ def cmd_resolve(args) -> int:
 
 def cmd_classes(args) -> int:
     from .catalog import ClassCatalog
-
     from .checkpoints import checkpoint_classes
     from .registry import DEFAULT_MODEL
 
@@ -493,24 +518,37 @@ def cmd_classes(args) -> int:
     model_name = str(args.model or DEFAULT_MODEL)
     rows = []
     for c in catalog:
-        rows.append({
-            "index": c.index, "name": c.name, "file_stem": c.file_stem, "kind": c.kind, "prompt_name": c.prompt_name,
-            "synonyms": list(c.synonyms), "parents": [catalog[p].name for p in c.parents], "laterality": c.laterality,
-            "color": list(c.color), "terminology": catalog.slicer_terminology(c),
-            "in_model": c.name.lower() in provided or c.prompt_name.lower() in provided,
-            "held_out_dice": held_out.get(c.name.lower()),
-        })
+        rows.append(
+            {
+                "index": c.index,
+                "name": c.name,
+                "file_stem": c.file_stem,
+                "kind": c.kind,
+                "prompt_name": c.prompt_name,
+                "synonyms": list(c.synonyms),
+                "parents": [catalog[p].name for p in c.parents],
+                "laterality": c.laterality,
+                "color": list(c.color),
+                "terminology": catalog.slicer_terminology(c),
+                "in_model": c.name.lower() in provided or c.prompt_name.lower() in provided,
+                "held_out_dice": held_out.get(c.name.lower()),
+            }
+        )
     if args.json:
         print(json.dumps({"model": model_name, "classes": rows}, indent=2))
         return 0
     print(f"{'#':>2}  {'name':30s} {'file stem':30s} {'kind':7s} {'model':6s} synonyms")
     for r in rows:
         mark = "-" if not r["in_model"] else (f"{r['held_out_dice']:.2f}" if r["held_out_dice"] is not None else "yes")
-        print(f"{r['index']:>2}  {r['name']:30s} {r['file_stem']:30s} {r['kind']:7s} {mark:6s} {', '.join(r['synonyms'][:6])}")
+        print(
+            f"{r['index']:>2}  {r['name']:30s} {r['file_stem']:30s} {r['kind']:7s} {mark:6s} {', '.join(r['synonyms'][:6])}"
+        )
     missing = sum(1 for r in rows if not r["in_model"])
     note = " (numbers: its Dice on patients it never saw)" if held_out else ""
-    print(f"\nmodel {model_name} provides {len(rows) - missing} of {len(rows)} classes{note}; '-' marks classes it does not "
-          f"provide (asking for one is an error): use --model universal-unet for all {len(rows)}")
+    print(
+        f"\nmodel {model_name} provides {len(rows) - missing} of {len(rows)} classes{note}; '-' marks classes it does not "
+        f"provide (asking for one is an error): use --model universal-unet for all {len(rows)}"
+    )
     return 0
 
 
@@ -525,7 +563,9 @@ def cmd_models(args) -> int:
         default = " (default)" if r.get("default") else ""
         print(f"{r['name']}{default}: {r.get('architecture') or r.get('kind')} — {r.get('description', '')}")
         print(f"    licence: {r['licence']} ({r['licence_url']}){' — accepted' if r.get('licence_accepted') else ''}")
-        print(f"    status: {r['status']}  {r.get('path') if r.get('status') != 'not downloaded' else ''}  {r.get('size_text') or ''}".rstrip())
+        print(
+            f"    status: {r['status']}  {r.get('path') if r.get('status') != 'not downloaded' else ''}  {r.get('size_text') or ''}".rstrip()
+        )
     return 0
 
 
@@ -542,7 +582,14 @@ def cmd_download(args) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "demo": cmd_demo, "resolve": cmd_resolve, "classes": cmd_classes, "models": cmd_models, "download": cmd_download}
+COMMANDS = {
+    "segment": cmd_segment,
+    "demo": cmd_demo,
+    "resolve": cmd_resolve,
+    "classes": cmd_classes,
+    "models": cmd_models,
+    "download": cmd_download,
+}
 
 
 class Terminated(KeyboardInterrupt):

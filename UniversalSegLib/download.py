@@ -28,7 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from .errors import DownloadError, InputError
 
@@ -402,13 +402,13 @@ class TqdmProgress:
     def __init__(self, desc: str, **tqdm_kwargs) -> None:
         self.desc = desc
         self.tqdm_kwargs = tqdm_kwargs
-        self._bar = None
+        self._bar: Any = None  # a tqdm bar; tqdm is imported lazily in __call__
 
     def __call__(self, done: int, total: int | None) -> None:
         if self._bar is None:
             from tqdm.auto import tqdm  # imported lazily: the library itself does not need tqdm
 
-            options = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "dynamic_ncols": True}
+            options: dict[str, Any] = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "dynamic_ncols": True}
             options.update(self.tqdm_kwargs)
             self._bar = tqdm(total=total, initial=done, desc=self.desc, **options)
         elif total != self._bar.total or done < self._bar.n:  # a retry restarted from scratch or the size changed

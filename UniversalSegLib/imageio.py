@@ -13,6 +13,7 @@ output behind and never loses the previous file.
 Every problem with the user's input or output path raises :class:`~UniversalSegLib.errors.InputError` with one line
 that says what is wrong and what to do.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,10 +71,17 @@ OUTPUT_FORMATS: dict[str, tuple[str, ...]] = {
 }
 # Spellings accepted for --format.
 _FORMAT_ALIASES = {
-    "nii": "nii", "nii.gz": "nii", "nifti": "nii",
+    "nii": "nii",
+    "nii.gz": "nii",
+    "nifti": "nii",
     "nrrd": "nrrd",
-    "seg.nrrd": "seg.nrrd", "seg": "seg.nrrd", "slicer": "seg.nrrd",
-    "dicom-seg": "dicom-seg", "dicomseg": "dicom-seg", "dcm": "dicom-seg", "dicom": "dicom-seg",
+    "seg.nrrd": "seg.nrrd",
+    "seg": "seg.nrrd",
+    "slicer": "seg.nrrd",
+    "dicom-seg": "dicom-seg",
+    "dicomseg": "dicom-seg",
+    "dcm": "dicom-seg",
+    "dicom": "dicom-seg",
 }
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # DICOM objects that are not images (a SEG or RTSTRUCT next to the CT must not be read as the scan).
@@ -174,7 +182,12 @@ def dicom_series_files(path: str | Path) -> list[Path]:
         others = ", ".join(f"{u} ({len(f)} files)" for u, f in series.items() if u != uid)
         logger.warning(
             "'%s' holds %d DICOM series; reading series %s (%d files, the most); also found: %s. "
-            "Pass the folder of one series to choose another.", path, len(series), uid, len(files), others,
+            "Pass the folder of one series to choose another.",
+            path,
+            len(series),
+            uid,
+            len(files),
+            others,
         )
     return files
 
@@ -220,7 +233,7 @@ def _read_file(path: Path) -> sitk.Image:
                 f"'{path}' is not an image file SimpleITK can read; use NIfTI (.nii.gz), NRRD, MHA/MHD or a DICOM "
                 "series folder"
             ) from None
-        reason = _itk_reason(error) or "the file is corrupt"
+        reason: str | None = _itk_reason(error) or "the file is corrupt"
         raise InputError(f"cannot read '{path}': {reason}; re-export or re-copy the scan") from None
     _check_header(path, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), reader.GetPixelID())
     if path.name.lower().endswith((".nii", ".nii.gz")):
@@ -252,7 +265,9 @@ def _read_dicom(path: Path, skip_unreadable: bool, allow_irregular: bool, notes:
     except RuntimeError as error:
         reason = _itk_reason(error) or "a file is truncated or corrupt"
         raise InputError(f"cannot read the DICOM series in '{path}': {reason}; check the files") from None
-    _check_header(path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(), image.GetPixelID())
+    _check_header(
+        path, image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(), image.GetPixelID()
+    )
     for tag, keyword in (("0008|0060", "Modality"), ("0020|000e", "SeriesInstanceUID")):
         value = header.get(keyword)
         if value:
@@ -269,7 +284,9 @@ def _unreadable_series_files(files: list[Path], uid: str) -> list[Path]:
     for folder in folders:
         for other_uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
             if other_uid != uid:
-                others.update(Path(f).resolve() for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), other_uid))
+                others.update(
+                    Path(f).resolve() for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), other_uid)
+                )
     bad = []
     for folder in folders:
         for entry in sorted(folder.iterdir()):
@@ -325,7 +342,9 @@ def _check_slice_spacing(path: Path, files: list[Path], allow: bool, notes: list
         f"{float(gaps.max()):.4g} mm (a missing or duplicate slice?)"
     )
     if not allow:
-        raise InputError(message + "; re-export the whole series, or pass --allow-irregular-slices to segment it anyway")
+        raise InputError(
+            message + "; re-export the whole series, or pass --allow-irregular-slices to segment it anyway"
+        )
     logger.warning("%s; segmenting it as if evenly spaced", message)
     notes.append(message + "; segmented as if evenly spaced")
 
@@ -425,7 +444,7 @@ def _nifti_float_layout(head: bytes) -> tuple[np.dtype | None, int]:
     return (np.dtype(endian + kind), offset) if kind else (None, 0)
 
 
-def _itk_reason(error: Exception) -> str | None:
+def _itk_reason(error: BaseException) -> str | None:
     """The informative part of an ITK exception message on one line, or None when it says nothing useful."""
     text = str(error)
     for marker in ("ITK ERROR:", "sitk::ERROR:", "Description:"):
@@ -555,9 +574,9 @@ def _refuse_non_image(header, path: Path) -> None:
 def _dicom_series_in_folder(folder: Path) -> dict[str, list[Path]]:
     """Image series found in ``folder`` and below: SeriesInstanceUID -> files in GDCM slice order."""
     uids: list[str] = []
-    for root, _dirs, files in os.walk(folder):
+    for root, _dirs, names in os.walk(folder):
         # Ask GDCM only about folders with a DICOM-looking file (it warns on stderr about every other folder).
-        if not any(_is_dicom_file(Path(root, name)) for name in files):
+        if not any(_is_dicom_file(Path(root, name)) for name in names):
             continue
         for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):
             if uid not in uids:
@@ -673,14 +692,22 @@ def write_image(
     compared voxel by voxel, atomic rename; staged in ``transaction`` when given.
 
     SimpleITK's NIfTI writer does not report a full disk: the read-back is what catches a short file."""
-    needs = nifti_file_bytes(image.GetSize(), image.GetSizeOfPixelComponent() * image.GetNumberOfComponentsPerPixel()) if path.name.lower().endswith(".nii") else None
+    needs = (
+        nifti_file_bytes(image.GetSize(), image.GetSizeOfPixelComponent() * image.GetNumberOfComponentsPerPixel())
+        if path.name.lower().endswith(".nii")
+        else None
+    )
     with safe_output(path, verify_image(image), transaction, needs_bytes=needs) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress)
     return path
 
 
 def write_label_map(
-    result: "SegmentationResult", path: str | Path, fmt: str | None = None, *, transaction: OutputTransaction | None = None
+    result: "SegmentationResult",
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    transaction: OutputTransaction | None = None,
 ) -> Path:
     """Write the multi-label map (0 background, value = catalog index, tumor over organ) on the input's grid.
 
@@ -728,7 +755,9 @@ def _ijk_to_lps(geometry) -> np.ndarray:
     return matrix
 
 
-def write_seg_nrrd(result: "SegmentationResult", path: str | Path, *, transaction: OutputTransaction | None = None) -> Path:
+def write_seg_nrrd(
+    result: "SegmentationResult", path: str | Path, *, transaction: OutputTransaction | None = None
+) -> Path:
     """Write a 3D Slicer segmentation (``.seg.nrrd``) with ``slicerio``.
 
     One segment per class: ID = file stem, name = display name, colour = catalog colour (0..1 floats), terminology =
@@ -748,18 +777,20 @@ def write_seg_nrrd(result: "SegmentationResult", path: str | Path, *, transactio
     full_extent = [0, size[0] - 1, 0, size[1] - 1, 0, size[2] - 1]
     segments = []
     for info, _mask in result:
-        segments.append({
-            "id": info.file_stem,
-            "name": info.name,
-            "nameAutoGenerated": False,
-            "color": [c / 255.0 for c in info.color],
-            "colorAutoGenerated": False,
-            "labelValue": info.index,
-            "layer": layer_of[info.index],
-            # Full extent for every segment: older Slicer versions read a whole layer with its first segment's extent.
-            "extent": full_extent,
-            "terminology": terminology_entry_from_string(result.catalog.slicer_terminology(info)),
-        })
+        segments.append(
+            {
+                "id": info.file_stem,
+                "name": info.name,
+                "nameAutoGenerated": False,
+                "color": [c / 255.0 for c in info.color],
+                "colorAutoGenerated": False,
+                "labelValue": info.index,
+                "layer": layer_of[info.index],
+                # Full extent for every segment: older Slicer versions read a whole layer with its first segment's extent.
+                "extent": full_extent,
+                "terminology": terminology_entry_from_string(result.catalog.slicer_terminology(info)),
+            }
+        )
     # (layers, z, y, x) -> (layers, x, y, z): slicerio/pynrrd write axis 0 fastest ("F" index order).
     voxels = layers.transpose(0, 3, 2, 1) if layers.shape[0] > 1 else layers[0].transpose(2, 1, 0)
     segmentation = {
@@ -815,7 +846,10 @@ def write_split_masks(
 
 
 def write_summary(
-    result: "SegmentationResult", path: str | Path, *, transaction: OutputTransaction | None = None,
+    result: "SegmentationResult",
+    path: str | Path,
+    *,
+    transaction: OutputTransaction | None = None,
     warnings: list[str] | None = None,
 ) -> Path:
     """Write ``result.summary()`` as indented JSON (with a ``"warnings"`` list when ``warnings`` are given)."""
@@ -852,7 +886,10 @@ def _software_version() -> str:
 
 
 def write_dicom_seg(
-    result: "SegmentationResult", path: str | Path, source_dicom_folder: str | Path | None, *,
+    result: "SegmentationResult",
+    path: str | Path,
+    source_dicom_folder: str | Path | None,
+    *,
     transaction: OutputTransaction | None = None,
 ) -> Path:
     """Write a DICOM Segmentation (BINARY) that references the source CT series, with ``highdicom``.
@@ -1119,13 +1156,15 @@ def read_seg_nrrd(path: str | Path) -> dict[str, Any]:
     segments = []
     for segment in segmentation.get("segments", []):
         terminology = segment.get("terminology")
-        segments.append({
-            "id": segment.get("id"),
-            "name": segment.get("name"),
-            "color": tuple(segment["color"]) if "color" in segment else None,
-            "terminology": terminology_entry_to_string(terminology) if terminology else None,
-            "label_value": int(segment.get("labelValue", 1)),
-            "layer": int(segment.get("layer", 0)),
-            "mask": np.ascontiguousarray(slicerio.segment_mask(segmentation, segment).transpose(2, 1, 0)),
-        })
+        segments.append(
+            {
+                "id": segment.get("id"),
+                "name": segment.get("name"),
+                "color": tuple(segment["color"]) if "color" in segment else None,
+                "terminology": terminology_entry_to_string(terminology) if terminology else None,
+                "label_value": int(segment.get("labelValue", 1)),
+                "layer": int(segment.get("layer", 0)),
+                "mask": np.ascontiguousarray(slicerio.segment_mask(segmentation, segment).transpose(2, 1, 0)),
+            }
+        )
     return {"geometry": geometry, "segments": segments}

@@ -16,6 +16,7 @@ The network runs on a *backend*: ``"torch"`` (the model itself; mixed precision 
 per-class heads stay in PyTorch). Precision ``"bfloat16"`` runs the backbone in bfloat16 on CPUs that support it
 (the engine's ``--fast`` mode); ``"float32"`` is the published arithmetic.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,11 +39,13 @@ from monai.inferers import sliding_window_inference
 from monai.networks.layers import GaussianFilter
 
 from .networks.universal_model import UniversalModel
+from .request import BACKENDS as _REQUEST_BACKENDS
 
 logger = logging.getLogger(__name__)
 
 ROI_SIZE: tuple[int, int, int] = (96, 96, 96)
-BACKENDS: tuple[str, ...] = ("auto", "torch", "openvino")
+#: Checked, with their messages, by the request (UniversalSegLib.request); here they are only asserted.
+BACKENDS: tuple[str, ...] = _REQUEST_BACKENDS
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
 #: Largest float32 blending band (bytes) before ``predict_masks`` stores the band in float16 (e.g. 32 classes of a
 #: 512x512x141 CT need 690 MB in float32); see ``SlidingWindowSegmenter.predict_masks``.
@@ -101,7 +104,9 @@ class WindowLayout:
         roi = tuple(get_valid_patch_size(padded, roi))
         # MONAI's _get_scan_interval: a full-size axis steps by the ROI, others by int(roi * (1 - overlap)) >= 1
         interval = [r if r == s else max(int(r * (1 - overlap)), 1) for r, s in zip(roi, padded)]
-        starts = np.asarray([[sl.start for sl in window] for window in dense_patch_slices(padded, roi, interval)], dtype=np.int64)
+        starts = np.asarray(
+            [[sl.start for sl in window] for window in dense_patch_slices(padded, roi, interval)], dtype=np.int64
+        )
         return cls(image_shape, padded, pad, roi, starts)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
@@ -147,8 +152,7 @@ def resolve_backend(backend: str, device: torch.device, architecture: str = "une
     benchmarks/README.md): the U-Net in float32 (about 1.8x) and bfloat16 (about 4x); Swin UNETR in bfloat16 only
     (about 7x; in float32 OpenVINO is slower than PyTorch for it). Otherwise PyTorch.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    assert backend in BACKENDS, backend  # the request checks it (request.check_setting)
     if backend == "auto":
         backend = os.environ.get("UNIVERSALSEG_BACKEND", "auto").strip().lower() or "auto"
         if backend not in BACKENDS:
@@ -159,12 +163,19 @@ def resolve_backend(backend: str, device: torch.device, architecture: str = "une
     if backend == "openvino" and device.type != "cpu":
         raise ValueError("the openvino backend runs on the CPU only; use backend 'torch' (or 'auto') with CUDA")
     if backend == "openvino" and not openvino_available():
-        raise ValueError("the openvino backend needs the openvino package: pip install openvino (or use backend 'torch')")
+        raise ValueError(
+            "the openvino backend needs the openvino package: pip install openvino (or use backend 'torch')"
+        )
     return backend
 
 
-def apply_heads_chunked(model: UniversalModel, global_feature: torch.Tensor, head_input: torch.Tensor,
-                        class_embeddings: torch.Tensor, chunk: int = HEAD_CHUNK_VOXELS) -> torch.Tensor:
+def apply_heads_chunked(
+    model: UniversalModel,
+    global_feature: torch.Tensor,
+    head_input: torch.Tensor,
+    class_embeddings: torch.Tensor,
+    chunk: int = HEAD_CHUNK_VOXELS,
+) -> torch.Tensor:
     """The model's per-class heads over a batch of windows, ``chunk`` voxels at a time.
 
     global_feature (B, 256), head_input (B, 8, D, H, W), class_embeddings (K, 512) -> logits (B, K, D, H, W) float32,
@@ -217,7 +228,9 @@ class TorchWindowNetwork:
         with torch.inference_mode(), select_autocast(self.device, self.precision):
             global_feature, head_input = self.model.encode(windows.to(self.device))
             if self.device.type == "cuda":  # heads in float16 too, as one batched call
-                return self.model.apply_heads(head_input, self.model.head_parameters(global_feature, class_embeddings)).float()
+                return self.model.apply_heads(
+                    head_input, self.model.head_parameters(global_feature, class_embeddings)
+                ).float()
         with torch.inference_mode():
             return apply_heads_chunked(self.model, global_feature.float(), head_input.float(), class_embeddings)
 
@@ -275,8 +288,14 @@ class OpenVINOWindowNetwork:
 
     name = "openvino"
 
-    def __init__(self, model: UniversalModel, roi_size: Sequence[int], precision: str = "float32",
-                 threads: int | None = None, disk_cache: bool = True) -> None:
+    def __init__(
+        self,
+        model: UniversalModel,
+        roi_size: Sequence[int],
+        precision: str = "float32",
+        threads: int | None = None,
+        disk_cache: bool = True,
+    ) -> None:
         import openvino as ov
 
         self.model = model
@@ -363,13 +382,15 @@ class OpenVINOWindowNetwork:
                 module = _EncodeModule(model)
                 if small:
                     converted = ov.convert_model(
-                        module, example_input=(torch.zeros((1, 1, *example), device=model.organ_embedding.device),),
+                        module,
+                        example_input=(torch.zeros((1, 1, *example), device=model.organ_embedding.device),),
                         input=[ov.PartialShape([1, 1, -1, -1, -1])],
                     )
                     converted.reshape({0: [1, 1, *self.roi_size]})
                 else:
                     converted = ov.convert_model(
-                        module, example_input=(torch.zeros((1, 1, *example), device=model.organ_embedding.device),),
+                        module,
+                        example_input=(torch.zeros((1, 1, *example), device=model.organ_embedding.device),),
                         input=[ov.PartialShape([1, 1, *example])],
                     )
         finally:
@@ -389,7 +410,9 @@ class OpenVINOWindowNetwork:
             self.request = self.compiled.create_infer_request()
         features, heads = [], []
         for window in windows:
-            result = self.request.infer({0: np.ascontiguousarray(window[None].detach().cpu().numpy(), dtype=np.float32)})
+            result = self.request.infer(
+                {0: np.ascontiguousarray(window[None].detach().cpu().numpy(), dtype=np.float32)}
+            )
             features.append(torch.from_numpy(np.array(result[0])))
             heads.append(torch.from_numpy(np.array(result[1])))
         with torch.inference_mode():
@@ -426,12 +449,12 @@ class SlidingWindowSegmenter:
         backend: str = "torch",
         precision: str = "float32",
     ) -> None:
-        if not 0.0 <= overlap < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-        if sw_batch_size < 1:
-            raise ValueError(f"window batch size must be >= 1, got {sw_batch_size}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        # Checked, with messages for the user, by the request (UniversalSegLib.request.check_setting).
+        assert 0.0 <= overlap < 1.0 and sw_batch_size >= 1 and precision in PRECISIONS, (
+            overlap,
+            sw_batch_size,
+            precision,
+        )
         self.model = model
         self.roi_size = tuple(int(r) for r in roi_size)
         self.overlap = overlap
@@ -566,7 +589,9 @@ class SlidingWindowSegmenter:
         band_shape = list(layout.padded_shape)
         band_shape[axis] = roi_axis
         if accumulate_dtype is None:
-            accumulate_dtype = torch.float32 if 4 * k * int(np.prod(band_shape)) <= BAND_FLOAT32_BUDGET else torch.float16
+            accumulate_dtype = (
+                torch.float32 if 4 * k * int(np.prod(band_shape)) <= BAND_FLOAT32_BUDGET else torch.float16
+            )
         self.accumulate_dtype = accumulate_dtype
         band = torch.zeros((k, *band_shape), dtype=accumulate_dtype, device=work)
         exact = accumulate_dtype == torch.float32
@@ -602,7 +627,8 @@ class SlidingWindowSegmenter:
             target = [slice(None)] * 3
             target[axis] = slice(a - before, b - before)
             for c in range(k):
-                num = band[c].narrow(axis, a - lo, b - a).float()
+                # F821 suppressed (here and in shift): ruff sees the ``del band`` below; the closures all run before it
+                num = band[c].narrow(axis, a - lo, b - a).float()  # noqa: F821
                 # The published rule on MONAI's blended output: sigmoid(sum(w * logit) / sum(w)) > threshold.
                 mask = (torch.sigmoid(num / den) > thresholds[c])[tuple(inner)]
                 packed[c][tuple(target)] = np.packbits(mask.cpu().numpy(), axis=pack_axis)
@@ -615,8 +641,8 @@ class SlidingWindowSegmenter:
             finalize(new_start)
             keep = roi_axis - d
             for i in range(max(keep, 0)):  # plane by plane, front to back: source planes are read before overwritten
-                band.select(axis + 1, i).copy_(band.select(axis + 1, i + d))
-            band.narrow(axis + 1, max(keep, 0), min(d, roi_axis)).zero_()
+                band.select(axis + 1, i).copy_(band.select(axis + 1, i + d))  # noqa: F821
+            band.narrow(axis + 1, max(keep, 0), min(d, roi_axis)).zero_()  # noqa: F821
             band_start = new_start
 
         order = np.argsort(layout.starts[:, axis], kind="stable")  # MONAI's order within each band position
@@ -626,13 +652,15 @@ class SlidingWindowSegmenter:
                 shift(int(layout.starts[group[0], axis]))
                 for first in range(0, len(group), self.sw_batch_size):
                     batch = group[first : first + self.sw_batch_size]
-                    windows = torch.stack([volume[_window_slices(layout.starts[i], layout.roi_size)] for i in batch])[:, None]
+                    windows = torch.stack([volume[_window_slices(layout.starts[i], layout.roi_size)] for i in batch])[
+                        :, None
+                    ]
                     logits = self._run_network(windows, embeddings, len(layout)).to(work, torch.float32)
                     for n, i in enumerate(batch):
                         start = layout.starts[i].copy()
                         start[axis] -= band_start
                         # MONAI: buffer *= weights, output[window] += buffer (same float32 operations)
-                        target = band[(slice(None), *_window_slices(start, layout.roi_size))]
+                        target = band[(slice(None),) + _window_slices(start, layout.roi_size)]
                         if exact:
                             target += logits[n].mul_(weights)
                         else:  # add in float32, round once; class by class keeps the float32 temporaries small

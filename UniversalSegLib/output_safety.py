@@ -15,6 +15,7 @@ Every writer of the engine (the CLI, :func:`~UniversalSegLib.imageio.write_outpu
 
 A problem raises :class:`~UniversalSegLib.errors.OutputError` with one line naming the file and what to do.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,7 @@ import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 from .errors import OutputError, printable
 
@@ -120,7 +121,7 @@ def protected_files(source: str | Path) -> list[Path]:
     or every file under it when it is a folder (a DICOM series folder, or a batch folder's scan)."""
     source = Path(source).expanduser()
     if source.is_dir():
-        files = []
+        files: list[Path] = []
         for root, _dirs, names in os.walk(source):
             files.extend(Path(root, name) for name in names)
         return files
@@ -164,7 +165,7 @@ def check_free_space(folder: str | Path, needed_bytes: int, what: str = "the out
         )
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
@@ -238,9 +239,7 @@ class OutputPlan:
         folder = Path(folder).expanduser()
         hit = self._input_hit(folder)
         if hit is not None and not folder.is_dir():
-            raise OutputError(
-                f"{role} '{printable(folder)}' is the input '{printable(hit[0])}'; choose another folder"
-            )
+            raise OutputError(f"{role} '{printable(folder)}' is the input '{printable(hit[0])}'; choose another folder")
         other = self._outputs_by_key.get(same_file_key(folder))
         if other is not None:
             raise OutputError(
@@ -324,7 +323,7 @@ def _signals_deferred() -> Iterator[None]:
         for sig, old in held.items():
             signal.signal(sig, old)
         if caught:
-            old = held[caught[0]]
+            old = held[signal.Signals(caught[0])]
             if callable(old):
                 old(caught[0], None)  # e.g. raises KeyboardInterrupt / the CLI's Terminated now
             else:
@@ -367,7 +366,9 @@ class OutputTransaction:
             self._created_dirs.append(path)
 
     @contextlib.contextmanager
-    def stage(self, dest: str | Path, verify: Verifier | None = None, *, needs_bytes: int | None = None) -> Iterator[Path]:
+    def stage(
+        self, dest: str | Path, verify: Verifier | None = None, *, needs_bytes: int | None = None
+    ) -> Iterator[Path]:
         """Yield a temporary path next to ``dest`` to write to; when the block ends, fsync and verify the file (it must
         be non-empty and pass ``verify``). It replaces ``dest`` at commit. ``needs_bytes``: the file's size when it is
         known before writing (checked against the free space first).
@@ -435,7 +436,9 @@ class OutputTransaction:
                 self._staged = [(t, d) for t, d in self._staged if os.path.lexists(t)]
                 self.abort()
                 if isinstance(error, OSError):
-                    raise OutputError(f"cannot write '{printable(current)}': {_reason(error, current.parent)}") from None
+                    raise OutputError(
+                        f"cannot write '{printable(current)}': {_reason(error, current.parent)}"
+                    ) from None
                 raise
             for dest, backup in done:
                 if backup is not None:

@@ -1,4 +1,5 @@
 """A PNG that a person can look at: CT slices with the segmentation drawn over them, and a legend with volumes."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,10 +15,31 @@ DISPLAY_WINDOW = (-160.0, 240.0)
 # Categorical palette for the picture, in order of use (Sasha Trubetskoy's 20 distinct colours, then 5 more): the
 # catalog's terminology colours give neighbours such as liver, aorta and celiac trunk nearly the same red.
 PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (67, 99, 216), (245, 130, 49), (145, 30, 180), (66, 212, 244),
-    (240, 50, 230), (191, 239, 69), (250, 190, 212), (70, 153, 144), (220, 190, 255), (154, 99, 36), (255, 250, 200),
-    (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 216, 177), (0, 0, 117), (169, 169, 169), (255, 255, 255),
-    (0, 130, 200), (210, 245, 60), (0, 128, 128), (255, 120, 120),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (67, 99, 216),
+    (245, 130, 49),
+    (145, 30, 180),
+    (66, 212, 244),
+    (240, 50, 230),
+    (191, 239, 69),
+    (250, 190, 212),
+    (70, 153, 144),
+    (220, 190, 255),
+    (154, 99, 36),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 216, 177),
+    (0, 0, 117),
+    (169, 169, 169),
+    (255, 255, 255),
+    (0, 130, 200),
+    (210, 245, 60),
+    (0, 128, 128),
+    (255, 120, 120),
 )
 
 
@@ -36,7 +58,9 @@ def _outline(labels2d: np.ndarray) -> np.ndarray:
     return edge & (labels2d > 0)
 
 
-def render_overlay(image: sitk.Image, result: SegmentationResult, path: str | Path, *, axial_slices: int = 3, alpha: float = 0.35) -> Path:
+def render_overlay(
+    image: sitk.Image, result: SegmentationResult, path: str | Path, *, axial_slices: int = 3, alpha: float = 0.35
+) -> Path:
     """Write a PNG with ``axial_slices`` axial slices and one coronal slice of ``image``, each segment filled
     translucently and outlined in a colour of its own, and a legend with each segment's volume.
 
@@ -81,9 +105,15 @@ def render_overlay(image: sitk.Image, result: SegmentationResult, path: str | Pa
     panels.append((f"coronal {y}", coronal))
 
     height = max(p.height for _, p in panels) + 20
-    legend_rows = [(f"{info.name}  {summary[info.index]['volume_ml']:.0f} mL" if summary[info.index]["volume_ml"] >= 10
-                    else f"{info.name}  {summary[info.index]['volume_ml']:.1f} mL", tuple(int(c) for c in palette[info.index]))
-                   for info in shown]
+    legend_rows = [
+        (
+            f"{info.name}  {summary[info.index]['volume_ml']:.0f} mL"
+            if summary[info.index]["volume_ml"] >= 10
+            else f"{info.name}  {summary[info.index]['volume_ml']:.1f} mL",
+            tuple(int(c) for c in palette[info.index]),
+        )
+        for info in shown
+    ]
     notes = result.plausibility()
     columns = 3
     legend_height = 18 * ((len(legend_rows) + columns - 1) // columns) + 10 + 16 * len(notes)

@@ -6,6 +6,7 @@ One code path for the CLI, the Slicer module, scripts and benchmarks::
     result = segment("ct.nii.gz", classes="liver,spleen")
     result.label_image()   # SimpleITK multi-label map on the input grid
 """
+
 from __future__ import annotations
 
 import time
@@ -17,14 +18,15 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .catalog import ClassCatalog, ClassInfo
+from .catalog import ClassCatalog, ClassInfo, model_class_indices, rows_for
 from .checkpoints import load_model, resolve_device
 from .errors import ClassNameError, InputError, UniversalSegError
 from .imageio import check_ct_intensities, read_image
-from .inferer import BACKENDS, ROI_SIZE, Cancelled, SlidingWindowSegmenter, count_windows
+from .inferer import ROI_SIZE, Cancelled, SlidingWindowSegmenter, count_windows
 from .networks.universal_model import UniversalModel
 from .postprocess import PostprocessOptions, dependencies, postprocess, steps_for_model
 from .preprocessing import HU_WINDOW, TARGET_SPACING_MM, Preprocessed, preprocess
+from .request import check_setting
 from .result import CroppedMask, ImageGeometry, SegmentationResult
 
 ProgressCallback = Callable[[float, str], None]
@@ -35,13 +37,21 @@ DEFAULT_OVERLAP = 0.5
 FAST_OVERLAP = 0.0
 
 # Share of the progress bar each stage takes (windows dominate the run time).
-_STAGES = {"read": (0.0, 0.03), "preprocess": (0.03, 0.08), "windows": (0.08, 0.85), "postprocess": (0.85, 0.9), "resample": (0.9, 1.0)}
+_STAGES = {
+    "read": (0.0, 0.03),
+    "preprocess": (0.03, 0.08),
+    "windows": (0.08, 0.85),
+    "postprocess": (0.85, 0.9),
+    "resample": (0.9, 1.0),
+}
 
 
-NOT_ENOUGH_MEMORY = "not enough memory for this scan; try --fast, fewer classes, or --device cpu on a machine with more memory"
+NOT_ENOUGH_MEMORY = (
+    "not enough memory for this scan; try --fast, fewer classes, or --device cpu on a machine with more memory"
+)
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException | None) -> bool:
     """True for allocation failures (NumPy's MemoryError, PyTorch's CPU allocator RuntimeError)."""
     seen = set()
     while exc is not None and id(exc) not in seen:  # MONAI wraps transform errors: look through the chain
@@ -57,7 +67,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 @dataclass
 class SegmentationOptions:
-    """How to run the engine. ``overlap=None`` means 0.5, or 0.0 with ``fast``."""
+    """How to run the engine (built from a :class:`~UniversalSegLib.request.SegmentationRequest` by its
+    ``to_options``, or directly by scripts). ``overlap=None`` means 0.5, or 0.0 with ``fast``; ``precision=None`` or
+    ``"auto"`` means float32, or bfloat16 with ``fast``. The values are checked with the request's checks
+    (:func:`~UniversalSegLib.request.check_setting`)."""
 
     overlap: float | None = None
     sw_batch_size: int = 1
@@ -70,6 +83,7 @@ class SegmentationOptions:
     frame: int | None = None
     spacing: tuple[float, float, float] | None = None  # None: the model's (see model_preprocessing)
     backend: str = "auto"  # what runs the windows: auto, torch or openvino (see inferer.resolve_backend)
+    precision: str | None = None  # of the backbone: auto, float32 or bfloat16 (where the CPU has it natively)
 
     @property
     def effective_overlap(self) -> float:
@@ -77,16 +91,20 @@ class SegmentationOptions:
             return self.overlap
         return FAST_OVERLAP if self.fast else DEFAULT_OVERLAP
 
+    @property
+    def effective_precision(self) -> str:
+        if self.precision not in (None, "auto"):
+            return self.precision
+        return "bfloat16" if self.fast else "float32"
+
     def validate(self) -> None:
-        if not 0.0 <= self.effective_overlap < 1.0:
-            raise InputError(f"overlap must be at least 0 and below 1, got {self.effective_overlap}")
-        if self.backend not in BACKENDS:
-            raise InputError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        if self.sw_batch_size < 1:
-            raise InputError(f"window batch size must be at least 1, got {self.sw_batch_size}")
-        for index, t in {0: self.threshold, **self.class_thresholds}.items():
-            if not 0.0 < t < 1.0:
-                raise InputError(f"threshold must be between 0 and 1 (exclusive), got {t}" + (f" for class {index}" if index else ""))
+        check_setting("overlap", self.effective_overlap)
+        check_setting("backend", self.backend)
+        check_setting("precision", self.effective_precision)
+        check_setting("window_batch", self.sw_batch_size)
+        check_setting("threshold", self.threshold)
+        for index, t in self.class_thresholds.items():
+            check_setting("threshold", t, f" for class {index}")
 
 
 @dataclass(frozen=True)
@@ -111,9 +129,16 @@ def model_preprocessing(model: UniversalModel) -> ModelPreprocessing:
         roi = tuple(int(v) for v in meta.get("roi_size", ROI_SIZE))
     except (TypeError, ValueError):
         raise InputError(f"model metadata 'preprocessing' is malformed: {meta!r}") from None
-    if len(spacing) != 3 or min(spacing) <= 0 or len(window) != 2 or window[0] >= window[1] or len(roi) != 3 or min(roi) < 16:
+    if (
+        len(spacing) != 3
+        or min(spacing) <= 0
+        or len(window) != 2
+        or window[0] >= window[1]
+        or len(roi) != 3
+        or min(roi) < 16
+    ):
         raise InputError(f"model metadata 'preprocessing' is out of range: {meta!r}")
-    return ModelPreprocessing(spacing, window, roi)  # type: ignore[arg-type]
+    return ModelPreprocessing(spacing, window, roi)
 
 
 def select_classes(
@@ -147,19 +172,9 @@ def _stage(progress: ProgressCallback | None, stage: str, fraction: float = 0.0,
 
 
 def _model_channels(model: UniversalModel, wanted: Sequence[int], catalog: ClassCatalog) -> dict[int, int]:
-    """Map catalog index -> row of the model's class embeddings, for every wanted class."""
-    rows = {}
-    known = {name.lower(): row for row, name in enumerate(model.class_names)}
-    for index in wanted:
-        info = catalog[index]
-        row = known.get(info.name.lower(), known.get(info.prompt_name.lower()))
-        if row is None:
-            raise ClassNameError(
-                f"model {model.metadata.get('name', '')!r} was not trained for {info.name!r}; it knows: "
-                + ", ".join(model.class_names)
-            )
-        rows[index] = row
-    return rows
+    """Map catalog index -> row of the model's class embeddings, for every wanted class (:func:`catalog.rows_for`;
+    ClassNameError for a class the model was not trained for)."""
+    return dict(zip(wanted, rows_for(model, wanted, catalog)))
 
 
 class Engine:
@@ -179,7 +194,9 @@ class Engine:
         if isinstance(model, UniversalModel):
             self.model = model.to(self.device).eval()
         else:
-            self.model = load_model(model, device=self.device, accept_licence=accept_licence, download_progress=download_progress)
+            self.model = load_model(
+                model, device=self.device, accept_licence=accept_licence, download_progress=download_progress
+            )
         self.catalog = ClassCatalog.default()
 
     def postprocess_options(self, options: PostprocessOptions | None = None) -> PostprocessOptions:
@@ -188,8 +205,7 @@ class Engine:
 
     def available_classes(self) -> list[int]:
         """Catalog indices of the classes this model was trained for (all 32 for the official models)."""
-        names = {n.lower() for n in self.model.class_names}
-        return [c.index for c in self.catalog if c.name.lower() in names or c.prompt_name.lower() in names]
+        return sorted(i for i in model_class_indices(self.model, self.catalog, strict=False) if i is not None)
 
     def segment(
         self,
@@ -207,11 +223,18 @@ class Engine:
         source in the summary when an already-read image is given."""
         try:
             prediction = self.predict(
-                image_or_path, classes, extra_embeddings=extra_embeddings, progress=progress, cancel=cancel, input_path=input_path
+                image_or_path,
+                classes,
+                extra_embeddings=extra_embeddings,
+                progress=progress,
+                cancel=cancel,
+                input_path=input_path,
             )
             return self.finish(prediction, prompt_report=prompt_report, progress=progress, cancel=cancel)
         except torch.cuda.OutOfMemoryError:
-            raise InputError("not enough GPU memory for this scan; try --fast, a smaller window batch, or --device cpu") from None
+            raise InputError(
+                "not enough GPU memory for this scan; try --fast, a smaller window batch, or --device cpu"
+            ) from None
         except (MemoryError, RuntimeError) as exc:
             if is_out_of_memory(exc):
                 raise InputError(NOT_ENOUGH_MEMORY) from None
@@ -244,14 +267,18 @@ class Engine:
         requested = select_classes(classes, self.catalog, self.available_classes())
         extra = dict(extra_embeddings or {})
         if not requested and not extra:
-            raise InputError("no classes to segment; name classes (e.g. --classes liver,spleen or --classes all) or give a --prompt")
+            raise InputError(
+                "no classes to segment; name classes (e.g. --classes liver,spleen or --classes all) or give a --prompt"
+            )
         needed = sorted(set(requested) | dependencies(requested, self.postprocess_options()))
         rows = _model_channels(self.model, needed, self.catalog)
         embeddings = [self.model.class_embeddings[rows[i]] for i in needed]
         extra_indices = {}
         for n, (text, emb) in enumerate(extra.items()):
             extra_indices[len(self.catalog) + 1 + n] = text
-            embeddings.append(torch.as_tensor(emb, dtype=torch.float32, device=self.model.organ_embedding.device).reshape(-1))
+            embeddings.append(
+                torch.as_tensor(emb, dtype=torch.float32, device=self.model.organ_embedding.device).reshape(-1)
+            )
         channel_classes = needed + list(extra_indices)
 
         t = time.perf_counter()
@@ -262,8 +289,7 @@ class Engine:
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        overlap = opts.effective_overlap
-        opts.validate()
+        overlap = opts.effective_overlap  # checked when the engine was made (Engine.__init__)
         try:
             segmenter = SlidingWindowSegmenter(
                 self.model,
@@ -274,7 +300,7 @@ class Engine:
                 progress=(lambda f, d: _stage(progress, "windows", f, d)) if progress else None,
                 cancel=cancel,
                 backend=opts.backend,  # auto: OpenVINO on the CPU when installed (about 1.7x faster), else PyTorch
-                precision="bfloat16" if opts.fast else "float32",  # --fast: bfloat16 backbone where the CPU has it
+                precision=opts.effective_precision,  # bfloat16: the backbone in bfloat16 where the CPU has it
             )
         except ValueError as exc:  # a backend that cannot run here (openvino with CUDA or not installed)
             raise InputError(str(exc)) from None
@@ -282,7 +308,9 @@ class Engine:
         # The segmenter thresholds slab by slab, never holding float maps of the whole volume.
         thresholds = [opts.class_thresholds.get(index, opts.threshold) for index in channel_classes]
         stacked = segmenter.predict_masks(pre.image[None], torch.stack(embeddings), thresholds)
-        masks: dict[int, np.ndarray] = {index: stacked[channel].numpy() for channel, index in enumerate(channel_classes)}
+        masks: dict[int, np.ndarray] = {
+            index: stacked[channel].numpy() for channel, index in enumerate(channel_classes)
+        }
         del stacked
         timings["windows"] = time.perf_counter() - t
         # Parts of the windows stage, for the summary (not added to the total).
@@ -343,7 +371,9 @@ class Engine:
         timings["total"] = sum(v for k, v in timings.items() if k in _STAGES)
         _stage(progress, "resample", 1.0, "done")
 
-        extra_classes = {index: _experimental_class(index, text, self.catalog) for index, text in prediction.experimental.items()}
+        extra_classes = {
+            index: _experimental_class(index, text, self.catalog) for index, text in prediction.experimental.items()
+        }
         meta = self.model.metadata
         return SegmentationResult(
             geometry=prediction.image_geometry,
@@ -402,9 +432,19 @@ def _experimental_class(index: int, text: str, catalog: ClassCatalog) -> ClassIn
     """A stand-in catalog entry for a free-text class fed straight to the controller (experimental)."""
     stem = "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")
     return ClassInfo(
-        index=index, name=f"{text} (experimental)", prompt_name=text, file_stem=f"experimental_{stem}",
-        kind="organ", synonyms=(), parents=(), laterality=None, color=(255, 255, 0),
-        category=catalog[1].category, type=catalog[1].type, type_modifier=None, anatomic_region=None,
+        index=index,
+        name=f"{text} (experimental)",
+        prompt_name=text,
+        file_stem=f"experimental_{stem}",
+        kind="organ",
+        synonyms=(),
+        parents=(),
+        laterality=None,
+        color=(255, 255, 0),
+        category=catalog[1].category,
+        type=catalog[1].type,
+        type_modifier=None,
+        anatomic_region=None,
     )
 
 
@@ -433,10 +473,17 @@ def resolve_prompts(
         encoder = ClipTextEncoder.pretrained()
     except (DownloadError, UniversalSegError) as exc:
         return resolution, f"CLIP text matching is unavailable ({exc})"
-    embeddings = model.class_embeddings.detach().float().cpu() if model is not None else None
-    if model is not None and embeddings.shape[0] != 32:
-        embeddings = None  # a model with another class set: compare with the catalog's own CLIP embeddings
-    return resolve_prompt(texts, encoder=encoder, class_embeddings=embeddings, allow_experimental=allow_experimental), None
+    embeddings = None  # a model without every catalog class: compare with the catalog's own CLIP embeddings
+    if model is not None:
+        catalog = ClassCatalog.default()
+        indices = model_class_indices(model, catalog, strict=False)
+        if sorted(i for i in indices if i is not None) == [c.index for c in catalog]:
+            embeddings = (
+                model.class_embeddings.detach().float().cpu()[rows_for(model, range(1, len(catalog) + 1), catalog)]
+            )
+    return resolve_prompt(
+        texts, encoder=encoder, class_embeddings=embeddings, allow_experimental=allow_experimental
+    ), None
 
 
 def segment(
@@ -467,13 +514,28 @@ def segment(
     if prompt:
         resolution, note = resolve_prompts(prompt, engine.model, allow_experimental=allow_experimental)
         if resolution.rejected:
-            raise ClassNameError("prompt not understood: " + "; ".join(resolution.describe().splitlines()) + (f" ({note})" if note else ""))
+            raise ClassNameError(
+                "prompt not understood: "
+                + "; ".join(resolution.describe().splitlines())
+                + (f" ({note})" if note else "")
+            )
         report = resolution.to_json()["items"]
         wanted = sorted(set(wanted) | set(resolution.classes))
         extra = {item.text: torch.tensor(item.embedding) for item in resolution.experimental}
     elif classes is None:
         wanted = engine.available_classes()
-    return engine.segment(image_or_path, wanted, extra_embeddings=extra, prompt_report=report, progress=progress, cancel=cancel)
+    return engine.segment(
+        image_or_path, wanted, extra_embeddings=extra, prompt_report=report, progress=progress, cancel=cancel
+    )
 
 
-__all__ = ["Engine", "Prediction", "SegmentationOptions", "segment", "select_classes", "resolve_prompts", "Cancelled", "UniversalSegError"]
+__all__ = [
+    "Engine",
+    "Prediction",
+    "SegmentationOptions",
+    "segment",
+    "select_classes",
+    "resolve_prompts",
+    "Cancelled",
+    "UniversalSegError",
+]

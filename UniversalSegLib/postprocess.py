@@ -55,12 +55,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import cc3d
 import numpy as np
 from scipy import ndimage
 
+from UniversalSegLib.catalog import ClassCatalog
 from UniversalSegLib.errors import InputError
 
 __all__ = [
@@ -79,8 +80,18 @@ NUM_CLASSES = 32
 PORTAL_VEIN, PANCREAS, RIGHT_LUNG, LEFT_LUNG = 10, 11, 16, 17
 #: Classes that keep their largest 26-connected component (upstream's "rest organ index" list, plus pancreas).
 LARGEST_COMPONENT_CLASSES: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14, 18, 19, 20, 21, 22, 23, 24, 25)
-#: Tumour -> parent organs it is kept inside (upstream TUMOR_ORGAN, for the classes upstream filters: 26, 27).
-TUMOR_PARENTS: dict[int, tuple[int, ...]] = {26: (2, 3), 27: (6,)}
+#: The tumours upstream keeps inside their parent organs (its TUMOR_ORGAN step runs for these two only; the catalog
+#: names parents for more lesion classes, which the published steps leave unchanged).
+PARENT_FILTERED_TUMORS: tuple[int, ...] = (26, 27)
+
+
+def tumor_parents(catalog: ClassCatalog, tumors: Iterable[int] = PARENT_FILTERED_TUMORS) -> dict[int, tuple[int, ...]]:
+    """Tumour -> the parent organs the catalog names for it (``parents`` in ``classes.json``), for ``tumors``."""
+    return {t: tuple(catalog[t].parents) for t in tumors}
+
+
+#: Tumour -> parent organs it is kept inside, from the catalog's ``parents``: {26: (2, 3), 27: (6,)}.
+TUMOR_PARENTS: dict[int, tuple[int, ...]] = tumor_parents(ClassCatalog.default())
 #: Optional ``tumor_filter`` (upstream TUMOR_NUM / TUMOR_SIZE): max components, min voxels (exclusive) per tumour class.
 TUMOR_MAX_COMPONENTS: dict[int, int] = {26: 5, 27: 20, 28: 1, 29: 10, 30: 10, 31: 3, 32: 20}
 TUMOR_MIN_VOXELS: dict[int, int] = {26: 80, 27: 20, 28: 100, 29: 80, 30: 30, 31: 100, 32: 20}
@@ -98,6 +109,12 @@ class PostprocessOptions:
     ``enabled=False`` switches everything off (``--no-postprocess``); each step can also be switched off alone.
     ``lung_separation`` (acts only with ``lungs``), ``tumor_filter`` and ``fill_holes`` go beyond the published
     steps and are off by default.
+
+    The request (:class:`UniversalSegLib.request.SegmentationRequest`, the CLI flags and the Slicer module) names
+    the switches after what they do: ``keep_largest_component`` (``largest_component``), ``split_lungs``
+    (``lungs``), ``separate_lungs`` (``lung_separation``), ``clear_portal_vein_below_pancreas`` (``portal_vein``),
+    ``keep_tumors_inside_organs`` (``tumors_in_parents``), ``filter_small_tumors`` (``tumor_filter``),
+    ``fill_holes``; ``postprocess`` is ``enabled``.
     """
 
     enabled: bool = True
@@ -137,7 +154,9 @@ def dependencies(classes: Iterable[int], options: PostprocessOptions = Postproce
     return need - wanted
 
 
-def steps_for_model(model_classes: Iterable[int], options: PostprocessOptions = PostprocessOptions()) -> PostprocessOptions:
+def steps_for_model(
+    model_classes: Iterable[int], options: PostprocessOptions = PostprocessOptions()
+) -> PostprocessOptions:
     """``options`` without the steps that need a class the model does not provide (e.g. a model offering the right
     lung but not the left cannot run the lung split; its right lung is kept as thresholded)."""
     have = {int(c) for c in model_classes}
@@ -174,7 +193,8 @@ def postprocess(
     if missing:
         raise InputError(
             f"post-processing needs class(es) {sorted(missing)} in the masks for class(es) {sorted(out)}; "
-            "compute them too (see postprocess.dependencies) or switch that step off")
+            "compute them too (see postprocess.dependencies) or switch that step off"
+        )
     raw = dict(out)  # upstream reads the thresholded masks for every step (parents, lungs), never the processed ones
 
     if options.largest_component:
@@ -291,7 +311,7 @@ def _lungs(right: np.ndarray, left: np.ndarray, separation: bool) -> tuple[np.nd
     if not separation:
         return new_right, new_left
 
-    rs, ls = np.count_nonzero(new_right), np.count_nonzero(new_left)
+    rs, ls = int(np.count_nonzero(new_right)), int(np.count_nonzero(new_left))
     big = new_right if rs > ls else new_left
     if _ratio(max(rs, ls), min(rs, ls)) <= _LUNG_RATIO:
         return new_right, new_left
@@ -304,11 +324,11 @@ def _lungs(right: np.ndarray, left: np.ndarray, separation: bool) -> tuple[np.nd
         return empty, big
 
     # The revision's "anomaly detection". It zeroed slices of the lung channels in place; work on copies, lazily.
-    work = {"right": right, "left": left, "copied": False}
+    work: dict[str, Any] = {"right": right, "left": left, "copied": False}
     try:
         res_left, res_right = _lung_anomaly(work, big)
         for _ in range(MAX_LUNG_ROUNDS):
-            rs, ls = np.count_nonzero(res_right), np.count_nonzero(res_left)
+            rs, ls = int(np.count_nonzero(res_right)), int(np.count_nonzero(res_left))
             if not (_ratio(rs, ls) > _LUNG_RATIO or _ratio(ls, rs) > _LUNG_RATIO):
                 return res_right, res_left
             res_left, res_right = _lung_anomaly(work, res_right if rs > ls else res_left)
@@ -384,7 +404,7 @@ def _rolling_centered(values: np.ndarray, window: int) -> tuple[np.ndarray, np.n
     offset = (window - 1) // 2
     mean, std = np.empty(n), np.full(n, np.nan)
     for i in range(n):
-        w = values[max(i + 1 + offset - window, 0): min(i + 1 + offset, n)]
+        w = values[max(i + 1 + offset - window, 0) : min(i + 1 + offset, n)]
         mean[i] = w.mean()
         if len(w) > 1:
             std[i] = w.std(ddof=1)
@@ -465,8 +485,10 @@ def _validated(masks: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
     for key, m in masks.items():
         c = _check_index(key)
         if not isinstance(m, np.ndarray) or m.ndim != 3:
-            raise InputError(f"post-processing needs one 3-D (X, Y, Z) numpy array per class; class {c} has "
-                             f"{type(m).__name__} {getattr(m, 'shape', '')}")
+            raise InputError(
+                f"post-processing needs one 3-D (X, Y, Z) numpy array per class; class {c} has "
+                f"{type(m).__name__} {getattr(m, 'shape', '')}"
+            )
         if shape is None:
             shape = m.shape
         elif m.shape != shape:

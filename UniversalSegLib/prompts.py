@@ -71,9 +71,31 @@ _LEFT = {"left", "l", "lt", "lft", "sinistra", "sinister"}
 _RIGHT = {"right", "r", "rt", "rgt", "dextra", "dexter"}
 _BOTH = {"both", "bilateral", "bilat", "bl", "b l", "paired"}
 # Words that carry no anatomy: dropped before matching ("please segment the liver" -> "liver").
-_FILLER = {"the", "a", "an", "please", "segment", "segmentation", "segmentations", "show", "find", "outline",
-           "contour", "contours", "delineate", "label", "labels", "mask", "masks", "entire", "whole", "me", "my",
-           "of the", "also"}
+_FILLER = {
+    "the",
+    "a",
+    "an",
+    "please",
+    "segment",
+    "segmentation",
+    "segmentations",
+    "show",
+    "find",
+    "outline",
+    "contour",
+    "contours",
+    "delineate",
+    "label",
+    "labels",
+    "mask",
+    "masks",
+    "entire",
+    "whole",
+    "me",
+    "my",
+    "of the",
+    "also",
+}
 _HARD_SPLIT = re.compile(r"[,;\n\r&+]+")
 _AND_SPLIT = re.compile(r"\s+(?:and|und|et)\s+", flags=re.IGNORECASE)
 
@@ -100,24 +122,95 @@ def _group_words(cat: ClassCatalog) -> dict[str, tuple[int, ...]]:
     groups: dict[str, tuple[int, ...]] = {}
     for words, classes in [
         (["all", "everything", "all classes", "all structures", "all labels", "all 32 classes"], everything),
-        (["all organs", "organs", "all organ", "all anatomy", "anatomy", "all normal anatomy", "normal anatomy",
-          "all organs and vessels", "organs and vessels"], organs),
-        (["all tumors", "all tumours", "tumors", "tumours", "tumor", "tumour", "all neoplasms", "neoplasms",
-          "all cancers", "cancers"], tumors),
-        (["all lesions", "lesions", "lesion", "all tumors and cysts", "all tumours and cysts", "tumors and cysts",
-          "tumours and cysts"], lesions),
-        (["all vessels", "vessels", "all vascular structures", "vascular structures", "vasculature",
-          "all vasculature", "blood vessels", "all blood vessels", "major vessels", "great vessels"], vessels),
+        (
+            [
+                "all organs",
+                "organs",
+                "all organ",
+                "all anatomy",
+                "anatomy",
+                "all normal anatomy",
+                "normal anatomy",
+                "all organs and vessels",
+                "organs and vessels",
+            ],
+            organs,
+        ),
+        (
+            [
+                "all tumors",
+                "all tumours",
+                "tumors",
+                "tumours",
+                "tumor",
+                "tumour",
+                "all neoplasms",
+                "neoplasms",
+                "all cancers",
+                "cancers",
+            ],
+            tumors,
+        ),
+        (
+            [
+                "all lesions",
+                "lesions",
+                "lesion",
+                "all tumors and cysts",
+                "all tumours and cysts",
+                "tumors and cysts",
+                "tumours and cysts",
+            ],
+            lesions,
+        ),
+        (
+            [
+                "all vessels",
+                "vessels",
+                "all vascular structures",
+                "vascular structures",
+                "vasculature",
+                "all vasculature",
+                "blood vessels",
+                "all blood vessels",
+                "major vessels",
+                "great vessels",
+            ],
+            vessels,
+        ),
         (["kidney", "kidneys", "renal", "all kidneys"], kidneys),
         (["lung", "lungs", "pulmonary"], lungs),
-        (["adrenal", "adrenals", "adrenal gland", "adrenal glands", "suprarenal gland", "suprarenal glands",
-          "suprarenals"], adrenals),
-        (["femoral head", "femoral heads", "head of femur", "heads of femur", "femur head", "femur heads",
-          "heads of femurs", "heads of the femurs", "femoral heads both"], femoral_heads),
-        (["kidney lesion", "kidney lesions", "renal lesion", "renal lesions", "renal masses and cysts"],
-         pair("Kidney Tumor", "Kidney Cyst")),
-        (["bowel", "bowels", "small and large bowel", "small and large intestine"],
-         pair("Colon", "Intestine")),
+        (
+            [
+                "adrenal",
+                "adrenals",
+                "adrenal gland",
+                "adrenal glands",
+                "suprarenal gland",
+                "suprarenal glands",
+                "suprarenals",
+            ],
+            adrenals,
+        ),
+        (
+            [
+                "femoral head",
+                "femoral heads",
+                "head of femur",
+                "heads of femur",
+                "femur head",
+                "femur heads",
+                "heads of femurs",
+                "heads of the femurs",
+                "femoral heads both",
+            ],
+            femoral_heads,
+        ),
+        (
+            ["kidney lesion", "kidney lesions", "renal lesion", "renal lesions", "renal masses and cysts"],
+            pair("Kidney Tumor", "Kidney Cyst"),
+        ),
+        (["bowel", "bowels", "small and large bowel", "small and large intestine"], pair("Colon", "Intestine")),
     ]:
         for w in words:
             groups[_canon(w)] = classes
@@ -260,8 +353,10 @@ class PromptResolution:
                 names = ", ".join(self.catalog[i].name for i in it.classes)
                 lines.append(f"'{it.text}' -> {names} ({it.method}{score})")
             elif it.method == "experimental":
-                lines.append(f"'{it.text}' -> EXPERIMENTAL raw CLIP embedding, not a catalog class (nearest "
-                             f"{', '.join(it.suggestions) or 'none'}{score})")
+                lines.append(
+                    f"'{it.text}' -> EXPERIMENTAL raw CLIP embedding, not a catalog class (nearest "
+                    f"{', '.join(it.suggestions) or 'none'}{score})"
+                )
             else:
                 best = "" if it.score is None else f" (best match score {it.score:.2f})"
                 hint = f"; did you mean {', '.join(repr(s) for s in it.suggestions)}?" if it.suggestions else ""
@@ -336,8 +431,14 @@ def resolve_prompt(
 
 
 class _ClipStep:
-    def __init__(self, cat: ClassCatalog, vocab: _Vocabulary, encoder: "ClipTextEncoder",
-                 class_embeddings: torch.Tensor | None, threshold: float):
+    def __init__(
+        self,
+        cat: ClassCatalog,
+        vocab: _Vocabulary,
+        encoder: "ClipTextEncoder",
+        class_embeddings: torch.Tensor | None,
+        threshold: float,
+    ):
         import torch
 
         self.cat, self.vocab, self.encoder, self.threshold = cat, vocab, encoder, float(threshold)
@@ -345,7 +446,8 @@ class _ClipStep:
         emb = torch.as_tensor(emb).detach().float().cpu()
         if emb.ndim != 2 or emb.shape[0] != len(cat):
             raise InputError(
-                f"class embeddings must have shape ({len(cat)}, D) in catalog order, got {tuple(emb.shape)}")
+                f"class embeddings must have shape ({len(cat)}, D) in catalog order, got {tuple(emb.shape)}"
+            )
         self.class_unit = torch.nn.functional.normalize(emb, dim=1)
 
     def similarities(self, text: str) -> torch.Tensor:
@@ -354,8 +456,10 @@ class _ClipStep:
         """Cosine similarity of the text's CLIP feature to each class embedding: (N_classes,)."""
         raw = self.encoder.encode([text])[0]
         if raw.shape[0] != self.class_unit.shape[1]:
-            raise InputError(f"the text encoder gives {raw.shape[0]}-d features but the class embeddings are "
-                             f"{self.class_unit.shape[1]}-d; use the CLIP model the checkpoint was trained with")
+            raise InputError(
+                f"the text encoder gives {raw.shape[0]}-d features but the class embeddings are "
+                f"{self.class_unit.shape[1]}-d; use the CLIP model the checkpoint was trained with"
+            )
         return self.class_unit @ torch.nn.functional.normalize(raw, dim=0)
 
     def top_names(self, sims: torch.Tensor, k: int = 3) -> list[str]:

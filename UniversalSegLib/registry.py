@@ -166,12 +166,7 @@ def _normalise_name(name: str) -> str:
 
 
 def _looks_like_path(text: str) -> bool:
-    return (
-        "/" in text
-        or "\\" in text
-        or text.startswith(("~", "."))
-        or text.lower().endswith(_CHECKPOINT_SUFFIXES)
-    )
+    return "/" in text or "\\" in text or text.startswith(("~", ".")) or text.lower().endswith(_CHECKPOINT_SUFFIXES)
 
 
 class ModelRegistry:
@@ -359,9 +354,7 @@ class ModelRegistry:
         elif not licence_accepted(entry):
             raise _licence_refusal(entry)
 
-    def download(
-        self, name: str, *, accept_licence: bool = False, progress: ProgressCallback | None = None
-    ) -> Path:
+    def download(self, name: str, *, accept_licence: bool = False, progress: ProgressCallback | None = None) -> Path:
         """``universalseg download NAME``: make the registry model ``name`` available locally; returns its path."""
         entry = self.get(name)
         return self.resolve(entry.name, accept_licence=accept_licence, download=True, progress=progress)
@@ -448,7 +441,11 @@ def _entry_from_dict(item: Any, index: int, path: Path) -> ModelEntry:
 
     filename = item.get("filename")
     if filename is None:  # default: last component of the bundled path or URL
-        source = bundled_path if bundled_path else url.split("?")[0].rstrip("/")
+        if bundled_path:
+            source = bundled_path
+        else:
+            assert url is not None  # checked above: without a bundled_path there is a url
+            source = url.split("?")[0].rstrip("/")
         filename = PurePosixPath(source).name
     if (
         not isinstance(filename, str)

@@ -3,6 +3,7 @@
 Masks are kept cropped to their bounding box so that 32 classes of a 512x512x300 CT do not need 32 full-size
 arrays; full-size arrays are made one at a time when written.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ class ImageGeometry:
 
     @classmethod
     def of(cls, image: sitk.Image) -> "ImageGeometry":
-        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+        return cls(
+            tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection())
+        )
 
     @property
     def array_shape(self) -> tuple[int, int, int]:
@@ -72,9 +75,9 @@ class CroppedMask:
         nonzero = [np.flatnonzero(full.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
         if any(len(n) == 0 for n in nonzero):
             return cls((0, 0, 0), np.zeros((0, 0, 0), dtype=bool))
-        lo = tuple(int(n[0]) for n in nonzero)
+        lo = (int(nonzero[0][0]), int(nonzero[1][0]), int(nonzero[2][0]))
         hi = tuple(int(n[-1]) + 1 for n in nonzero)
-        return cls(lo, np.ascontiguousarray(full[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]))
+        return cls(lo, np.ascontiguousarray(full[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]))
 
     @property
     def voxel_count(self) -> int:
@@ -172,9 +175,13 @@ class SegmentationResult:
             lo, hi = bounds
             whole = mask.start[0] > 0 and mask.start[0] + mask.array.shape[0] < depth
             if volume > hi:
-                notes.append(f"{info.name}: {volume:.1f} mL is more than the {hi:g} mL plausible for it; check the segment")
+                notes.append(
+                    f"{info.name}: {volume:.1f} mL is more than the {hi:g} mL plausible for it; check the segment"
+                )
             elif whole and volume < lo:
-                notes.append(f"{info.name}: {volume:.1f} mL is less than the {lo:g} mL plausible for it; check the segment")
+                notes.append(
+                    f"{info.name}: {volume:.1f} mL is less than the {lo:g} mL plausible for it; check the segment"
+                )
         return notes
 
     def summary(self) -> dict[str, Any]:

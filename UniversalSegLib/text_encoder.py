@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -162,7 +162,8 @@ def _read_text_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(
-            f"CLIP weights {path} do not hold a state dict of tensors; expected open_clip ViT-B-32 weights")
+            f"CLIP weights {path} do not hold a state dict of tensors; expected open_clip ViT-B-32 weights"
+        )
     return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items() if not k.startswith("visual.")}
 
 
@@ -189,8 +190,9 @@ class ClipTextEncoder:
         import open_clip
 
         self.identity = identity
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         # Only the text tower is used; drop the image tower to save ~350 MB.
         if hasattr(model, "visual"):
             model.visual = torch.nn.Identity()
@@ -222,11 +224,18 @@ class ClipTextEncoder:
             CheckpointError: the file is not a ViT-B-32 CLIP checkpoint.
         """
         if weights_url == OPENAI_VIT_B_32.url:
-            source = OPENAI_VIT_B_32 if (sha256, expected_size) == (OPENAI_VIT_B_32.sha256, OPENAI_VIT_B_32.size) else \
-                ClipWeightsSource(weights_url, sha256, expected_size, filename or OPENAI_VIT_B_32.filename)
+            source = (
+                OPENAI_VIT_B_32
+                if (sha256, expected_size) == (OPENAI_VIT_B_32.sha256, OPENAI_VIT_B_32.size)
+                else ClipWeightsSource(weights_url, sha256, expected_size, filename or OPENAI_VIT_B_32.filename)
+            )
         else:
-            name = filename or ("clip_" + hashlib.sha256(weights_url.encode()).hexdigest()[:12] + "_" +
-                                Path(weights_url.split("?")[0]).name)
+            name = filename or (
+                "clip_"
+                + hashlib.sha256(weights_url.encode()).hexdigest()[:12]
+                + "_"
+                + Path(weights_url.split("?")[0]).name
+            )
             source = ClipWeightsSource(weights_url, sha256, expected_size, name)
         path = clip_weights_path(source, download=download, progress=progress)
         known_sha = sha256 if path.name == source.filename and sha256 else None
@@ -270,8 +279,9 @@ class ClipTextEncoder:
         with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
             torch.manual_seed(seed)
             model = _build_clip_model()
-        return cls(model, f"open_clip:{CLIP_ARCHITECTURE}-quickgelu:random-seed={seed}", device=device,
-                   disk_cache=disk_cache)
+        return cls(
+            model, f"open_clip:{CLIP_ARCHITECTURE}-quickgelu:random-seed={seed}", device=device, disk_cache=disk_cache
+        )
 
     @staticmethod
     def _load_text_tower(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -279,15 +289,21 @@ class ClipTextEncoder:
         missing = sorted(k for k in expected if k not in state and k not in _OPTIONAL_KEYS)
         unexpected = sorted(k for k in state if k not in expected)
         if missing or unexpected:
-            detail = (f"missing {len(missing)} keys, e.g. {missing[:3]}" if missing else "") + \
-                     ("; " if missing and unexpected else "") + \
-                     (f"unexpected keys, e.g. {unexpected[:3]}" if unexpected else "")
-            raise CheckpointError(f"{path} is not an open_clip {CLIP_ARCHITECTURE} CLIP checkpoint ({detail}); "
-                                  f"delete it and let UniversalSeg download the OpenAI weights")
+            detail = (
+                (f"missing {len(missing)} keys, e.g. {missing[:3]}" if missing else "")
+                + ("; " if missing and unexpected else "")
+                + (f"unexpected keys, e.g. {unexpected[:3]}" if unexpected else "")
+            )
+            raise CheckpointError(
+                f"{path} is not an open_clip {CLIP_ARCHITECTURE} CLIP checkpoint ({detail}); "
+                f"delete it and let UniversalSeg download the OpenAI weights"
+            )
         for k, v in state.items():
             if tuple(v.shape) != tuple(expected[k].shape):
-                raise CheckpointError(f"{path}: tensor '{k}' has shape {tuple(v.shape)}, {CLIP_ARCHITECTURE} needs "
-                                      f"{tuple(expected[k].shape)}; this is not ViT-B/32 CLIP")
+                raise CheckpointError(
+                    f"{path}: tensor '{k}' has shape {tuple(v.shape)}, {CLIP_ARCHITECTURE} needs "
+                    f"{tuple(expected[k].shape)}; this is not ViT-B/32 CLIP"
+                )
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
 
     # ------------------------------------------------------------------ encoding
@@ -325,7 +341,7 @@ class ClipTextEncoder:
         the result; cutting the 77-token context to the prompt length (about 12 tokens) makes encoding ~4x cheaper
         on CPU.
         """
-        m = self.model
+        m: Any = self.model  # open_clip's CLIP (untyped): its submodules are not known to nn.Module's typing
         if getattr(m, "text_pool_type", "argmax") != "argmax" or getattr(m, "attn_mask", None) is None:
             return m.encode_text(tokens)
         eot = tokens.argmax(dim=-1)  # the end-of-text token has the largest id

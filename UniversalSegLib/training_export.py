@@ -19,9 +19,11 @@ and by a fingerprint of its voxels and geometry. Format of ``dataset.json`` (rea
      "cases": [{"id": "scan1", "image": "images/scan1.nii.gz", "label": "labels/scan1.nii.gz",
                 "annotated": ["Liver", "Spleen"], "split": "train", "provenance": {...}}, ...]}
 
-Paths in the file are relative to its folder, so the folder can be moved or shared as a whole. Arrays are in
+Paths in the file are relative to its folder, so the folder can be moved or shared as a whole. The file's schema,
+reader and writer live in :mod:`UniversalSegLib.dataset_json`. Arrays are in
 SimpleITK order: a CT of ``(x, y, z)`` voxels is a ``(z, y, x)`` array (Slicer's ``(K, J, I)``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,18 +39,23 @@ import numpy as np
 import SimpleITK as sitk
 
 from .catalog import ClassCatalog
+from .dataset_json import (  # noqa: F401  (re-exported: the file's schema lives there)
+    CASE_KEYS,
+    EXPORTED_FILE,
+    EXPORTED_FORMAT,
+    FORMAT_VERSION,
+    SPLITS,
+    TrainingDataset,
+    dataset_file,
+    read_dataset_file,
+    write_dataset_file,
+)
 from .errors import InputError
 from .imageio import write_image
-from .output_safety import OutputTransaction, safe_output, verify_text
+from .output_safety import OutputTransaction
 from .result import ImageGeometry
 
-EXPORTED_FORMAT = "universalseg-training-dataset"
-EXPORTED_FILE = "dataset.json"
-FORMAT_VERSION = 1
-#: Keys of a case entry (``training.exported`` accepts exactly these).
-CASE_KEYS = ("id", "image", "label", "masks", "annotated", "split", "provenance")
-#: ``split`` of a case: used for training, held out for validation/evaluation, or both.
-SPLITS = ("train", "val", "both")
+_FOLDER_HINT = "choose an empty folder or an earlier export folder"
 IMAGES_DIR, LABELS_DIR, MASKS_DIR = "images", "labels", "masks"
 #: How a person confirmed an exported class (Slicer module segment states).
 CONFIRMATIONS = ("reviewed", "edited", "manual")
@@ -135,8 +142,12 @@ def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray, array_shape: Sequence[int])
     direction = _LPS_FROM_RAS @ (axes / spacing)
     origin = _LPS_FROM_RAS @ matrix[:3, 3]
     z, y, x = (int(s) for s in array_shape)
-    return ImageGeometry((x, y, z), tuple(float(s) for s in spacing), tuple(float(o) for o in origin),
-                         tuple(float(d) for d in direction.ravel()))
+    return ImageGeometry(
+        (x, y, z),
+        (float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        (float(origin[0]), float(origin[1]), float(origin[2])),
+        tuple(float(d) for d in direction.ravel()),
+    )
 
 
 def image_from_array(array: np.ndarray, ijk_to_ras: np.ndarray) -> sitk.Image:
@@ -163,50 +174,18 @@ def image_fingerprint(image: sitk.Image) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- dataset file
-def dataset_file(folder: str | Path) -> Path:
-    """The dataset file of an export folder (``<folder>/dataset.json``); a ``.json`` path is returned as is."""
-    if folder is None or not str(folder).strip():
-        raise InputError("no export folder: choose a folder for the training dataset")
-    path = Path(folder).expanduser()
-    return path if path.suffix.lower() == ".json" else path / EXPORTED_FILE
-
-
 def new_dataset(catalog: ClassCatalog | None = None) -> dict[str, Any]:
     """An empty dataset document."""
-    catalog = catalog or ClassCatalog.default()
-    return {
-        "format": EXPORTED_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "label_values": "catalog",
-        "labels": {"0": "background", **{str(c.index): c.name for c in catalog}},
-        "cases": [],
-    }
+    return TrainingDataset.new(catalog).to_dict()
 
 
 def read_dataset(folder: str | Path, catalog: ClassCatalog | None = None) -> dict[str, Any]:
     """The dataset document of an export folder (a new, empty one when it has no dataset file yet)."""
-    path = dataset_file(folder)
-    if not path.exists():
-        return new_dataset(catalog)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path} ({exc}); fix its permissions or choose another export folder") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc}); fix or remove it, or choose another export folder") from None
-    if not isinstance(doc, dict) or doc.get("format") != EXPORTED_FORMAT or not isinstance(doc.get("cases"), list):
-        raise InputError(f"{path} is not a UniversalSeg training dataset; choose an empty folder or an earlier export folder")
-    if int(doc.get("format_version", 1)) > FORMAT_VERSION:
-        raise InputError(f"{path} was written by a newer UniversalSeg (format_version {doc['format_version']}); update "
-                         "UniversalSeg or choose another export folder")
-    return doc
+    return _read(folder, catalog).to_dict()
 
 
-def _write_dataset(path: Path, doc: Mapping[str, Any], transaction: OutputTransaction | None = None) -> None:
-    """Replace the dataset file atomically, verified (a crash or a full disk never leaves half a file)."""
-    text = json.dumps(doc, indent=2) + "\n"
-    with safe_output(path, verify_text(text), transaction) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+def _read(folder: str | Path, catalog: ClassCatalog | None = None) -> TrainingDataset:
+    return read_dataset_file(folder, missing_ok=True, hint=_FOLDER_HINT, catalog=catalog)
 
 
 def case_id_from_name(name: str) -> str:
@@ -219,8 +198,10 @@ def check_case_id(case_id: str) -> str:
     """Raise InputError unless ``case_id`` can name the case's files."""
     case_id = str(case_id).strip()
     if not case_id or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", case_id):
-        raise InputError(f"case ID {case_id!r} cannot be used as a file name; use letters, digits, '.', '_' and '-' "
-                         f"(e.g. {case_id_from_name(case_id)!r})")
+        raise InputError(
+            f"case ID {case_id!r} cannot be used as a file name; use letters, digits, '.', '_' and '-' "
+            f"(e.g. {case_id_from_name(case_id)!r})"
+        )
     return case_id
 
 
@@ -240,8 +221,10 @@ def check_export_folder(folder: str | Path) -> Path:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        raise InputError(f"cannot export to '{path}': the folder is not writable ({exc.strerror or exc}); "
-                         "choose a folder you can write to") from None
+        raise InputError(
+            f"cannot export to '{path}': the folder is not writable ({exc.strerror or exc}); "
+            "choose a folder you can write to"
+        ) from None
     return path
 
 
@@ -254,7 +237,7 @@ def find_overlaps(classes: Sequence[ExportedClass], catalog: ClassCatalog | None
     for n, a in enumerate(ordered):
         if not a.mask.any():
             continue
-        for b in ordered[n + 1:]:
+        for b in ordered[n + 1 :]:
             shared = int(np.count_nonzero(a.mask & b.mask))
             if shared:
                 out.append((catalog[a.index].name, catalog[b.index].name, shared))
@@ -338,13 +321,15 @@ def export_case(
     """
     catalog = catalog or ClassCatalog.default()
     if not classes:
-        raise InputError("nothing to export: no segment was reviewed or edited; mark correct segments as reviewed, "
-                         "or correct segments in the Segment Editor, then export again")
+        raise InputError(
+            "nothing to export: no segment was reviewed or edited; mark correct segments as reviewed, "
+            "or correct segments in the Segment Editor, then export again"
+        )
     if split not in SPLITS:
         raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     path = dataset_file(folder)
     base = check_export_folder(path.parent)
-    doc = read_dataset(path, catalog)
+    doc = _read(path, catalog)
     shape = tuple(image.GetSize())[::-1]
     seen: dict[int, ExportedClass] = {}
     for c in classes:
@@ -352,28 +337,37 @@ def export_case(
         if c.index in seen:
             raise InputError(f"{name} is given twice; export one segment per class (merge or delete the other)")
         if tuple(c.mask.shape) != shape:
-            raise InputError(f"the mask of {name} has shape {tuple(c.mask.shape)}, not the CT's {shape}; resample "
-                             "the segmentation onto the CT first")
+            raise InputError(
+                f"the mask of {name} has shape {tuple(c.mask.shape)}, not the CT's {shape}; resample "
+                "the segmentation onto the CT first"
+            )
         if c.confirmation not in CONFIRMATIONS:
             raise InputError(f"{name}: confirmation must be one of {', '.join(CONFIRMATIONS)}, got {c.confirmation!r}")
         seen[c.index] = c
-    ordered = [ExportedClass(c.index, np.asarray(c.mask, dtype=bool), c.confirmation, dict(c.provenance))
-               for c in sorted(classes, key=lambda c: c.index)]
+    ordered = [
+        ExportedClass(c.index, np.asarray(c.mask, dtype=bool), c.confirmation, dict(c.provenance))
+        for c in sorted(classes, key=lambda c: c.index)
+    ]
     overlaps = find_overlaps(ordered, catalog)
     if overlaps and not per_class_masks:
         pairs = ", ".join(f"{a} and {b} ({n} voxels)" for a, b, n in overlaps)
-        raise OverlapError(f"segments overlap: {pairs}; a label map holds one class per voxel, so export per-class "
-                           "masks instead (or remove the overlap in the Segment Editor)", overlaps)
+        raise OverlapError(
+            f"segments overlap: {pairs}; a label map holds one class per voxel, so export per-class "
+            "masks instead (or remove the overlap in the Segment Editor)",
+            overlaps,
+        )
 
     fingerprint = image_fingerprint(image)
-    same_scan = [c for c in doc["cases"] if (c.get("provenance") or {}).get("image_sha256") == fingerprint]
-    by_id = {str(c.get("id")): c for c in doc["cases"]}
+    same_scan = [c for c in doc.cases if (c.get("provenance") or {}).get("image_sha256") == fingerprint]
+    by_id = {str(c.get("id")): c for c in doc.cases}
     if case_id is not None and str(case_id).strip():
         case_id = check_case_id(case_id)
         other = by_id.get(case_id)
         if other is not None and other not in same_scan:
-            raise InputError(f"case ID '{case_id}' already holds another scan in {path}; choose another case ID "
-                             "(re-exporting the same scan replaces its entry)")
+            raise InputError(
+                f"case ID '{case_id}' already holds another scan in {path}; choose another case ID "
+                "(re-exporting the same scan replaces its entry)"
+            )
     elif same_scan:
         case_id = str(same_scan[0]["id"])
     else:
@@ -404,10 +398,15 @@ def export_case(
         if overlaps:
             for c in ordered:
                 info = catalog[c.index]
-                mask_paths[info.name] = _write_image(geometry.to_image(c.mask.astype(np.uint8)),
-                                                     base / MASKS_DIR / case_id / f"{info.file_stem}.nii.gz", txn)
+                mask_paths[info.name] = _write_image(
+                    geometry.to_image(c.mask.astype(np.uint8)),
+                    base / MASKS_DIR / case_id / f"{info.file_stem}.nii.gz",
+                    txn,
+                )
         else:
-            label_path = _write_image(geometry.to_image(label_map_array(ordered)), base / LABELS_DIR / f"{case_id}.nii.gz", txn)
+            label_path = _write_image(
+                geometry.to_image(label_map_array(ordered)), base / LABELS_DIR / f"{case_id}.nii.gz", txn
+            )
 
         annotated = [catalog[c.index].name for c in ordered]
         entry: dict[str, Any] = {"id": case_id, "image": image_path.relative_to(base).as_posix()}
@@ -419,13 +418,15 @@ def export_case(
         entry["split"] = split
         entry["provenance"] = case_provenance
 
-        replaced_entries = same_scan + ([by_id[case_id]] if case_id in by_id and by_id[case_id] not in same_scan else [])
+        replaced_entries = same_scan + (
+            [by_id[case_id]] if case_id in by_id and by_id[case_id] not in same_scan else []
+        )
         replaced_ids = {str(c.get("id")) for c in replaced_entries}
-        doc["cases"] = [c for c in doc["cases"] if str(c.get("id")) not in replaced_ids] + [entry]
+        doc.replace(replaced_ids, entry)
         if dataset_name:
-            doc["name"] = str(dataset_name)
-        doc["updated"] = now
-        _write_dataset(path, doc, txn)
+            doc.name = str(dataset_name)
+        doc.updated = now
+        write_dataset_file(path, doc, txn)
 
     new_files = _entry_files(entry, base)
     removed: list[Path] = []
@@ -435,22 +436,29 @@ def export_case(
     if replaced_entries:
         replaced = case_id if case_id in replaced_ids else str(replaced_entries[0].get("id"))
     return ExportReport(
-        dataset_file=path, case_id=case_id, image=image_path, label=label_path, masks=mask_paths,
-        annotated=annotated, confirmations={catalog[c.index].name: c.confirmation for c in ordered}, split=split,
-        replaced=replaced, removed=removed, case_count=len(doc["cases"]),
+        dataset_file=path,
+        case_id=case_id,
+        image=image_path,
+        label=label_path,
+        masks=mask_paths,
+        annotated=annotated,
+        confirmations={catalog[c.index].name: c.confirmation for c in ordered},
+        split=split,
+        replaced=replaced,
+        removed=removed,
+        case_count=len(doc.cases),
     )
 
 
 def remove_case(folder: str | Path, case_id: str, *, delete_files: bool = True) -> bool:
     """Remove a case's entry (and, by default, its files inside the folder). True when there was one."""
     path = dataset_file(folder)
-    doc = read_dataset(path)
-    gone = [c for c in doc["cases"] if str(c.get("id")) == str(case_id)]
-    if not gone:
+    doc = _read(path)
+    if str(case_id) not in doc.case_ids():
         return False
-    doc["cases"] = [c for c in doc["cases"] if str(c.get("id")) != str(case_id)]
-    doc["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    _write_dataset(path, doc)
+    gone = doc.replace([str(case_id)])
+    doc.updated = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_dataset_file(path, doc)
     if delete_files:
         for old in gone:
             _remove_stale(old, set(), path.parent)

@@ -10,6 +10,7 @@ resolution (all 32 kept, as upstream's ``Invertd`` does), thresholded into the r
 Same masks as the engine's normal mode by construction (same preprocessing, windows, blending, threshold,
 post-processing and nearest-neighbour inversion); only time and memory differ.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,7 +39,9 @@ def invert_float_map(pre: Preprocessed, data: torch.Tensor) -> np.ndarray:
     nearest neighbour), as upstream's ``Invertd`` does."""
     meta = MetaTensor(data[None].float(), meta={k: v for k, v in pre.image.meta.items() if k != "affine"})
     meta.affine = pre.image.affine.clone()
-    meta.applied_operations = convert_applied_interp_mode(pre.image.applied_operations, mode="nearest", align_corners=None)
+    meta.applied_operations = convert_applied_interp_mode(
+        pre.image.applied_operations, mode="nearest", align_corners=None
+    )
     with torch.no_grad():
         inverted = pre.transform.inverse(meta)
     return np.ascontiguousarray(np.asarray(inverted[0], dtype=np.float32).transpose(2, 1, 0))
@@ -90,9 +93,17 @@ def run_baseline(
 
     with torch.inference_mode():
         logits = sliding_window_inference(
-            pre.image[None].as_tensor(), ROI_SIZE, 1, predictor, overlap=overlap,
-            mode="gaussian", roi_weight_map=weights.to(run_device), padding_mode="constant", cval=0.0,
-            sw_device=run_device, device="cpu",
+            pre.image[None].as_tensor(),
+            ROI_SIZE,
+            1,
+            predictor,
+            overlap=overlap,
+            mode="gaussian",
+            roi_weight_map=weights.to(run_device),
+            padding_mode="constant",
+            cval=0.0,
+            sw_device=run_device,
+            device="cpu",
         )
         probabilities = torch.sigmoid(logits[0])  # (32, X, Y, Z) float32
     del logits
@@ -108,10 +119,21 @@ def run_baseline(
     del full_maps
 
     mark("write")
-    settings = {"overlap": overlap, "window_batch": 1, "preprocessed_shape": list(pre.shape),
-                "windows": count_windows(pre.shape, overlap=overlap), "computed_classes": classes}
-    result = SegmentationResult(geometry=ImageGeometry.of(image), masks=cropped, catalog=catalog, model_name="baseline",
-                                settings=settings, timings={"windows_network": network_s})
+    settings = {
+        "overlap": overlap,
+        "window_batch": 1,
+        "preprocessed_shape": list(pre.shape),
+        "windows": count_windows(pre.shape, overlap=overlap),
+        "computed_classes": classes,
+    }
+    result = SegmentationResult(
+        geometry=ImageGeometry.of(image),
+        masks=cropped,
+        catalog=catalog,
+        model_name="baseline",
+        settings=settings,
+        timings={"windows_network": network_s},
+    )
     write_outputs(result, output, fmt="nii")
     return result
 
@@ -125,4 +147,6 @@ if __name__ == "__main__":  # pragma: no cover - manual use: python benchmarks/b
     from UniversalSegLib.checkpoints import load_checkpoint
 
     torch.set_num_threads(2)
-    run_baseline(sys.argv[1], load_checkpoint(sys.argv[2]).eval(), sys.argv[3], stage=lambda s: print(s, file=sys.stderr))
+    run_baseline(
+        sys.argv[1], load_checkpoint(sys.argv[2]).eval(), sys.argv[3], stage=lambda s: print(s, file=sys.stderr)
+    )

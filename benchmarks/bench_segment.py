@@ -16,6 +16,7 @@ depend on the values), ``bundled`` (UniversalSegLib/data/models/universalseg-tin
 a width-8 U-Net with random weights). Modes: ``baseline`` (benchmarks/baseline.py), ``normal``, ``fast``.
 See benchmarks/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -124,8 +125,11 @@ def flops_per_window(architecture: str, width: int, classes: int, roi: int = 96)
     backbone = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.apply_heads(head_input, model.head_parameters(global_feature, torch.zeros((classes, 512), device="meta")))
-    return {"backbone_gflop": round(backbone / 1e9, 2), "heads_gflop": round(counter.get_total_flops() / 1e9, 2),
-            "total_gflop": round((backbone + counter.get_total_flops()) / 1e9, 2)}
+    return {
+        "backbone_gflop": round(backbone / 1e9, 2),
+        "heads_gflop": round(counter.get_total_flops() / 1e9, 2),
+        "total_gflop": round((backbone + counter.get_total_flops()) / 1e9, 2),
+    }
 
 
 def machine_info(gemm: bool = True) -> dict:
@@ -156,7 +160,9 @@ def machine_info(gemm: bool = True) -> dict:
                 t = time.perf_counter()
                 for _ in range(3):
                     F.conv3d(x, w, padding=1)
-                info[f"conv3d_{str(dtype)[6:]}_gflops"] = round(3 * 2 * 27 * 64 * 64 * 48**3 / (time.perf_counter() - t) / 1e9, 1)
+                info[f"conv3d_{str(dtype)[6:]}_gflops"] = round(
+                    3 * 2 * 27 * 64 * 64 * 48**3 / (time.perf_counter() - t) / 1e9, 1
+                )
                 a = torch.randn(2048, 2048, dtype=dtype)
                 torch.mm(a, a)
                 t = time.perf_counter()
@@ -193,8 +199,20 @@ def make_large_ct(work: Path) -> Path:
     size = [512, 512, 300]
     spacing = [image.GetSpacing()[i] * image.GetSize()[i] / size[i] for i in range(3)]
     # first voxel centre half a new voxel inside the old field of view's edge
-    origin = image.TransformContinuousIndexToPhysicalPoint([-0.5 + spacing[i] / image.GetSpacing()[i] / 2 for i in range(3)])
-    large = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, origin, spacing, image.GetDirection(), -1024.0, image.GetPixelID())
+    origin = image.TransformContinuousIndexToPhysicalPoint(
+        [-0.5 + spacing[i] / image.GetSpacing()[i] / 2 for i in range(3)]
+    )
+    large = sitk.Resample(
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        origin,
+        spacing,
+        image.GetDirection(),
+        -1024.0,
+        image.GetPixelID(),
+    )
     tmp = work / ".large.tmp.nii.gz"
     sitk.WriteImage(large, str(tmp), True)
     tmp.replace(path)
@@ -225,7 +243,9 @@ def make_model(arch: str, work: Path) -> Path:
 
         torch.manual_seed(0)
         model = UniversalModel(ModelConfig("unet", 8))
-        embeddings = torch.load(SHARED / "reference" / "clip_txt_encoding_32.pth", map_location="cpu", weights_only=True)
+        embeddings = torch.load(
+            SHARED / "reference" / "clip_txt_encoding_32.pth", map_location="cpu", weights_only=True
+        )
         model.organ_embedding.copy_(embeddings.float())
         model.class_names = ClassCatalog.default().names
         return save_checkpoint(model, path, {"name": "unet-w8-random", "licence": "benchmark weights"})
@@ -275,8 +295,14 @@ def run_one(args) -> dict:
         engine = Engine(model, options)
         meter.mark("read")
         image = read_image(ct)
-        stage_of = {"read": "read", "preprocess": "preprocess", "window": "windows", "postprocess": "postprocess",
-                    "resample": "resample", "done": "resample"}
+        stage_of = {
+            "read": "read",
+            "preprocess": "preprocess",
+            "window": "windows",
+            "postprocess": "postprocess",
+            "resample": "resample",
+            "done": "resample",
+        }
 
         def progress(fraction: float, detail: str) -> None:
             name = stage_of.get(detail.split(" ")[0])
@@ -294,26 +320,47 @@ def run_one(args) -> dict:
     windows = settings["windows"]
     network_s = result.timings.get("windows_network")
     total_wall = time.perf_counter() - t0
-    np.savez_compressed(out_dir / "masks.npz", **{f"start_{i}": np.asarray(m.start) for i, m in result.masks.items()},
-                        **{f"mask_{i}": m.array for i, m in result.masks.items()})
+    np.savez_compressed(
+        out_dir / "masks.npz",
+        **{f"start_{i}": np.asarray(m.start) for i, m in result.masks.items()},
+        **{f"mask_{i}": m.array for i, m in result.masks.items()},
+    )
 
     config = model.config
     flops = flops_per_window(config.architecture, int(config.width), len(settings["computed_classes"]))
-    record.update({
-        "name": run_name(args.ct, args.arch, args.mode, args.classes),
-        "ct": args.ct, "input_size": list(result.geometry.size), "input_spacing_mm": [round(s, 4) for s in result.geometry.spacing],
-        "arch": args.arch, "architecture": config.architecture, "width": int(config.width), "checkpoint": str(checkpoint),
-        "mode": args.mode, "classes": args.classes, "output_classes": len(result.masks),
-        "backend": backend, "precision": precision, "threads": args.threads, "device": args.device,
-        "settings": {k: settings[k] for k in ("overlap", "window_batch") if k in settings},
-        "preprocessed_shape": list(shape), "windows": windows, "flops_per_window": flops,
-        "stages": meter.stages,
-        "total_wall_s": round(total_wall, 2),
-        "total_cpu_s": round(sum(s["cpu_s"] for s in meter.stages.values()), 2),
-        # ru_maxrss restarts with every per-stage reset of the high-water mark: take the largest stage peak
-        "peak_rss_mib": max([s["peak_rss_mib"] for s in meter.stages.values()] + [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]),
-        "load_before": load_before, "load_after": load_avg(),
-    })
+    record.update(
+        {
+            "name": run_name(args.ct, args.arch, args.mode, args.classes),
+            "ct": args.ct,
+            "input_size": list(result.geometry.size),
+            "input_spacing_mm": [round(s, 4) for s in result.geometry.spacing],
+            "arch": args.arch,
+            "architecture": config.architecture,
+            "width": int(config.width),
+            "checkpoint": str(checkpoint),
+            "mode": args.mode,
+            "classes": args.classes,
+            "output_classes": len(result.masks),
+            "backend": backend,
+            "precision": precision,
+            "threads": args.threads,
+            "device": args.device,
+            "settings": {k: settings[k] for k in ("overlap", "window_batch") if k in settings},
+            "preprocessed_shape": list(shape),
+            "windows": windows,
+            "flops_per_window": flops,
+            "stages": meter.stages,
+            "total_wall_s": round(total_wall, 2),
+            "total_cpu_s": round(sum(s["cpu_s"] for s in meter.stages.values()), 2),
+            # ru_maxrss restarts with every per-stage reset of the high-water mark: take the largest stage peak
+            "peak_rss_mib": max(
+                [s["peak_rss_mib"] for s in meter.stages.values()]
+                + [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
+            ),
+            "load_before": load_before,
+            "load_after": load_avg(),
+        }
+    )
     if torch.cuda.is_available() and args.device != "cpu":
         record["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if network_s:
@@ -327,10 +374,9 @@ def run_one(args) -> dict:
 
 def model_classes(model) -> list[int]:
     """Catalog indices of every class the checkpoint was trained for (all 32 for the released models)."""
-    from UniversalSegLib.catalog import ClassCatalog
+    from UniversalSegLib.catalog import model_class_indices
 
-    known = {name.lower() for name in model.class_names}
-    return [c.index for c in ClassCatalog.default() if c.name.lower() in known or c.prompt_name.lower() in known]
+    return sorted(c for c in model_class_indices(model, strict=False) if c is not None)
 
 
 def run_name(ct: str, arch: str, mode: str, classes: str) -> str:
@@ -342,7 +388,11 @@ def load_masks(work: Path, name: str) -> dict[int, tuple]:
     import numpy as np
 
     data = np.load(work / "outputs" / name / "masks.npz")
-    return {int(k[5:]): (tuple(int(v) for v in data["start_" + k[5:]]), data[k]) for k in data.files if k.startswith("mask_")}
+    return {
+        int(k[5:]): (tuple(int(v) for v in data["start_" + k[5:]]), data[k])
+        for k in data.files
+        if k.startswith("mask_")
+    }
 
 
 def dice(a: tuple, b: tuple) -> float | None:
@@ -356,9 +406,9 @@ def dice(a: tuple, b: tuple) -> float | None:
     lo = [max(x, y) for x, y in zip(sa, sb)]
     hi = [min(x + n, y + m) for x, n, y, m in zip(sa, ma.shape, sb, mb.shape)]
     inter = 0
-    if all(h > l for l, h in zip(lo, hi)):
-        crop_a = ma[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, sa))]
-        crop_b = mb[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, sb))]
+    if all(h > low for low, h in zip(lo, hi)):
+        crop_a = ma[tuple(slice(low - s, h - s) for low, h, s in zip(lo, hi, sa))]
+        crop_b = mb[tuple(slice(low - s, h - s) for low, h, s in zip(lo, hi, sb))]
         inter = int(np.logical_and(crop_a, crop_b).sum())
     return 2.0 * inter / (na + nb)
 
@@ -384,7 +434,8 @@ def compare(work: Path, runs: list[dict]) -> list[dict]:
                 if d is not None:
                     per_class[catalog[index].name] = round(d, 5)
             entry = {
-                "reference": ref["name"], "run": r["name"],
+                "reference": ref["name"],
+                "run": r["name"],
                 "speedup_wall": round(ref["total_wall_s"] / r["total_wall_s"], 2),
                 "speedup_cpu": round(ref["total_cpu_s"] / r["total_cpu_s"], 2),
                 "peak_rss_ratio": round(r["peak_rss_mib"] / ref["peak_rss_mib"], 3),
@@ -417,7 +468,11 @@ def markdown_table(runs: list[dict], comparisons: list[dict]) -> str:
             f"{r['total_wall_s']:.0f} s ({r['total_cpu_s']:.0f} s) | {r['peak_rss_mib'] / 1024:.2f} GiB |"
         )
     if comparisons:
-        lines += ["", "| run vs reference | speed-up (wall / CPU) | peak RSS ratio | min Dice per class | mean Dice large organs |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| run vs reference | speed-up (wall / CPU) | peak RSS ratio | min Dice per class | mean Dice large organs |",
+            "|---|---|---|---|---|",
+        ]
         for c in comparisons:
             lines.append(
                 f"| {c['run']} vs {c['reference']} | {c['speedup_wall']}x / {c['speedup_cpu']}x | {c['peak_rss_ratio']} | "
@@ -429,25 +484,40 @@ def markdown_table(runs: list[dict], comparisons: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="matrix", choices=("matrix", "run", "report"),
-                   help="matrix (default): every combination, each in a fresh process; run: one configuration here; "
-                        "report: merge the JSON files of earlier matrix runs (--inputs) into one document and table")
+    p.add_argument(
+        "command",
+        nargs="?",
+        default="matrix",
+        choices=("matrix", "run", "report"),
+        help="matrix (default): every combination, each in a fresh process; run: one configuration here; "
+        "report: merge the JSON files of earlier matrix runs (--inputs) into one document and table",
+    )
     p.add_argument("--inputs", nargs="*", default=[], help="report: JSON files written by --out")
     p.add_argument("--ct", nargs="+", default=["chest"], choices=tuple(CTS))
     p.add_argument("--arch", nargs="+", default=["unet"], choices=ARCHS)
     p.add_argument("--mode", nargs="+", default=["baseline", "normal", "fast"], choices=MODES)
-    p.add_argument("--classes", nargs="+", default=["all"], choices=("all", "subset"),
-                   help=f"all classes of the model (32 for the released ones), or the subset {SUBSET}")
+    p.add_argument(
+        "--classes",
+        nargs="+",
+        default=["all"],
+        choices=("all", "subset"),
+        help=f"all classes of the model (32 for the released ones), or the subset {SUBSET}",
+    )
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "openvino"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda (mixed precision) or auto")
     p.add_argument("--window-batch", type=int, default=1)
-    p.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "universalseg-bench"),
-                   help="folder for generated inputs, checkpoints and outputs")
+    p.add_argument(
+        "--work",
+        default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "universalseg-bench"),
+        help="folder for generated inputs, checkpoints and outputs",
+    )
     p.add_argument("--out", help="write the JSON here too")
     p.add_argument("--table", help="write a Markdown table here")
     p.add_argument("--no-gemm", action="store_true", help="skip the matrix-multiply rate measurement")
-    p.add_argument("--bundled-checkpoint", help="use this checkpoint as the 'bundled' model (e.g. a training run's output)")
+    p.add_argument(
+        "--bundled-checkpoint", help="use this checkpoint as the 'bundled' model (e.g. a training run's output)"
+    )
     return p
 
 
@@ -469,14 +539,21 @@ def main(argv=None) -> int:
             for r in d["runs"]:
                 runs.pop(r["name"], None)
                 runs[r["name"]] = r
-        document = {"machine": docs[0]["machine"] if docs else machine_info(gemm=False),
-                    "commands": [d.get("command") for d in docs], "runs": list(runs.values())}
+        document = {
+            "machine": docs[0]["machine"] if docs else machine_info(gemm=False),
+            "commands": [d.get("command") for d in docs],
+            "runs": list(runs.values()),
+        }
         return _finish(document, work, args)
 
     import torch
 
     torch.set_num_threads(args.threads)
-    document = {"machine": machine_info(gemm=not args.no_gemm), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "runs": []}
+    document = {
+        "machine": machine_info(gemm=not args.no_gemm),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "runs": [],
+    }
     order = {m: n for n, m in enumerate(MODES)}  # references first
     for ct in args.ct:
         for arch in args.arch:
@@ -484,17 +561,45 @@ def main(argv=None) -> int:
                 for mode in sorted(args.mode, key=order.get):
                     if mode == "baseline" and classes != "all":
                         continue
-                    cmd = [sys.executable, str(Path(__file__).resolve()), "run", "--ct", ct, "--arch", arch, "--mode", mode,
-                           "--classes", classes, "--backend", args.backend, "--threads", str(args.threads), "--device", args.device,
-                           "--window-batch", str(args.window_batch), "--work", str(work)]
-                    print(f"[bench] {run_name(ct, arch, mode, classes)} (load {load_avg()})", file=sys.stderr, flush=True)
+                    cmd = [
+                        sys.executable,
+                        str(Path(__file__).resolve()),
+                        "run",
+                        "--ct",
+                        ct,
+                        "--arch",
+                        arch,
+                        "--mode",
+                        mode,
+                        "--classes",
+                        classes,
+                        "--backend",
+                        args.backend,
+                        "--threads",
+                        str(args.threads),
+                        "--device",
+                        args.device,
+                        "--window-batch",
+                        str(args.window_batch),
+                        "--work",
+                        str(work),
+                    ]
+                    print(
+                        f"[bench] {run_name(ct, arch, mode, classes)} (load {load_avg()})", file=sys.stderr, flush=True
+                    )
                     proc = subprocess.run(cmd, capture_output=True, text=True)
                     if proc.returncode != 0:
                         print(proc.stderr[-4000:], file=sys.stderr)
-                        document["runs"].append({"name": run_name(ct, arch, mode, classes), "error": proc.stderr.strip().splitlines()[-1:]})
+                        document["runs"].append(
+                            {"name": run_name(ct, arch, mode, classes), "error": proc.stderr.strip().splitlines()[-1:]}
+                        )
                         continue
                     record = json.loads(proc.stdout.strip().splitlines()[-1])
-                    print(f"[bench]   {record['total_wall_s']} s, peak {record['peak_rss_mib']} MiB", file=sys.stderr, flush=True)
+                    print(
+                        f"[bench]   {record['total_wall_s']} s, peak {record['peak_rss_mib']} MiB",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     document["runs"].append(record)
     return _finish(document, work, args)
 

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import slicer  # noqa: E402
 from bench_slicer_synthetic import addVolume, syntheticResult
 
 import UniversalSeg as US  # noqa: E402  (sys.path set up by bench_slicer_synthetic)
-import slicer  # noqa: E402
 from UniversalSegLib.imageio import write_seg_nrrd, write_summary  # noqa: E402
 from UniversalSegSlicerLib.observers import SegmentationObserver  # noqa: E402
 
@@ -57,8 +57,8 @@ def main() -> int:
     liverId = report.segmentIds[US.ClassCatalog.default().lookup("liver").index]
     liver = result.masks[US.ClassCatalog.default().lookup("liver").index]
     radius = 9
-    zz, yy, xx = np.ogrid[-radius:radius + 1, -radius:radius + 1, -radius:radius + 1]
-    ball = (zz ** 2 + yy ** 2 + xx ** 2) <= radius ** 2
+    zz, yy, xx = np.ogrid[-radius : radius + 1, -radius : radius + 1, -radius : radius + 1]
+    ball = (zz**2 + yy**2 + xx**2) <= radius**2
     matrix = US.ijkToRas(volume)
     strokes = []
     for n in range(args.strokes):
@@ -71,8 +71,14 @@ def main() -> int:
         rows = logic.segmentReview(node, verify=False)  # the timer's callback
         refresh = time.perf_counter() - started
         stale = [row.name for row in rows if row.stale]
-        strokes.append({"events": len(handlerSeconds), "event_handler_s": sum(handlerSeconds),
-                        "review_refresh_s": refresh, "stale": stale})
+        strokes.append(
+            {
+                "events": len(handlerSeconds),
+                "event_handler_s": sum(handlerSeconds),
+                "review_refresh_s": refresh,
+                "stale": stale,
+            }
+        )
     started = time.perf_counter()
     verified = logic.segmentReview(node, verify=True)
     refreshButton = time.perf_counter() - started

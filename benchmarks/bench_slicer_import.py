@@ -21,18 +21,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import slicer  # noqa: E402
 from bench_slicer_synthetic import addVolume, syntheticResult
 
 import UniversalSeg as US  # noqa: E402  (sys.path set up by bench_slicer_synthetic)
-import slicer  # noqa: E402
 from UniversalSegLib.imageio import write_seg_nrrd, write_summary  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the JSON here")
-    parser.add_argument("--collapse", action="store_true",
-                        help="also time CollapseBinaryLabelmaps after the import (what the old import did; slow)")
+    parser.add_argument(
+        "--collapse",
+        action="store_true",
+        help="also time CollapseBinaryLabelmaps after the import (what the old import did; slow)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-slicer-import-") as tmp:
         tmp = Path(tmp)

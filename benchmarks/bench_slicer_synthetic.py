@@ -29,8 +29,10 @@ def _ellipsoid(centre, radii) -> CroppedMask:
     shape = SIZE[::-1]
     lo = [max(0, int(c - r)) for c, r in zip(centre, radii)]
     hi = [min(n, int(c + r) + 1) for c, r, n in zip(centre, radii, shape)]
-    zz, yy, xx = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    inside = ((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2 + ((xx - centre[2]) / radii[2]) ** 2 <= 1
+    zz, yy, xx = np.ogrid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    inside = ((zz - centre[0]) / radii[0]) ** 2 + ((yy - centre[1]) / radii[1]) ** 2 + (
+        (xx - centre[2]) / radii[2]
+    ) ** 2 <= 1
     return CroppedMask(tuple(lo), np.ascontiguousarray(inside))
 
 
@@ -51,15 +53,20 @@ def syntheticResult(seed: int = 0) -> SegmentationResult:
         centre = tuple(int(rng.integers(r + 1, n - r - 1)) for r, n in zip(radii, SIZE[::-1]))
         masks[info.index] = _ellipsoid(centre, radii)
     geometry = ImageGeometry(SIZE, SPACING, (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
-    return SegmentationResult(geometry=geometry, masks=masks, catalog=catalog, model_name="synthetic",
-                              model_licence="none", device="cpu", settings={"threshold": 0.5})
+    return SegmentationResult(
+        geometry=geometry,
+        masks=masks,
+        catalog=catalog,
+        model_name="synthetic",
+        model_licence="none",
+        device="cpu",
+        settings={"threshold": 0.5},
+    )
 
 
 def addVolume(scene, name: str = "CT"):
     """A 512x512x300 int16 scalar volume node on the synthetic grid (LPS geometry as ``syntheticResult``)."""
     import vtk
-
-    import slicer
 
     image = vtk.vtkImageData()
     image.SetDimensions(*SIZE)

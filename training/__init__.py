@@ -5,6 +5,7 @@ Command line: ``universalseg-train check | fit | evaluate | export`` (:mod:`trai
     from training import load_config, fit
     result = fit(load_config("training/configs/tiny_holdout_abdomen.yaml"))
 """
+
 from __future__ import annotations
 
 
@@ -37,5 +38,15 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'training' has no attribute {name!r}")
 
 
-__all__ = ["load_config", "parse_config", "TrainingConfig", "fit", "FitResult", "check_config", "evaluate_models",
-           "format_table", "export_model", "PartialLabelLoss"]
+__all__ = [
+    "load_config",
+    "parse_config",
+    "TrainingConfig",
+    "fit",
+    "FitResult",
+    "check_config",
+    "evaluate_models",
+    "format_table",
+    "export_model",
+    "PartialLabelLoss",
+]

@@ -4,6 +4,7 @@ Checks, per case: image and label files exist and can be read; the label (or eac
 (size, spacing, origin, orientation); label values are known (mapped, named or ignored); the case annotates at least
 one class. Reports how many cases of each dataset annotate each class and in how many the class is present.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,7 +39,13 @@ class CheckReport:
         return not self.errors
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "datasets": self.datasets, "coverage": self.coverage, "errors": self.errors, "warnings": self.warnings}
+        return {
+            "ok": self.ok,
+            "datasets": self.datasets,
+            "coverage": self.coverage,
+            "errors": self.errors,
+            "warnings": self.warnings,
+        }
 
     def format(self) -> str:
         """Human-readable report: datasets, a class x dataset coverage table ("present/annotated"), errors, warnings."""
@@ -172,7 +179,9 @@ def check_config(config: TrainingConfig, read_values: bool = True, progress=None
     if all_cases and not train:
         report.errors.append("no training cases: every case is in the validation split")
     if all_cases and not any(c.split in ("val", "both") for c in all_cases):
-        report.warnings.append("no validation cases: add 'split: val', 'val_cases' or 'val_fraction' to a dataset to measure Dice while training")
+        report.warnings.append(
+            "no validation cases: add 'split: val', 'val_cases' or 'val_fraction' to a dataset to measure Dice while training"
+        )
     annotated = {c for case in train for c in case.annotated}
     if config.model.classes:
         try:
@@ -182,12 +191,16 @@ def check_config(config: TrainingConfig, read_values: bool = True, progress=None
             wanted = []
         lacking = [catalog[c].name for c in wanted if c not in annotated]
         if lacking and config.model.init == "scratch":
-            report.warnings.append(f"model class(es) no training case annotates (they will not be learned): {', '.join(lacking)}")
+            report.warnings.append(
+                f"model class(es) no training case annotates (they will not be learned): {', '.join(lacking)}"
+            )
         extra = [catalog[c].name for c in sorted(annotated) if c not in wanted]
         if extra:
             report.warnings.append(f"annotated class(es) outside model.classes (ignored): {', '.join(extra)}")
     if read_values:
-        never = [name for name, cov in ((n, c) for ds in report.coverage.values() for n, c in ds.items()) if cov[1] == 0]
+        never = [
+            name for name, cov in ((n, c) for ds in report.coverage.values() for n, c in ds.items()) if cov[1] == 0
+        ]
         for cname in sorted(set(never)):
             if all(ds.get(cname, [0, 0])[1] == 0 for ds in report.coverage.values()):
                 report.warnings.append(f"class {cname} is annotated but present in no case (only negatives)")

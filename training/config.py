@@ -13,6 +13,7 @@ just ``datasets``. Example (see ``training/configs/tiny_holdout_abdomen.yaml`` f
 Unknown keys are errors (a typo must not silently fall back to a default). ``--set section.key=value`` on the command
 line overrides single values (:func:`apply_overrides`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,7 +34,9 @@ SPLITS = ("train", "val", "both")
 def _reject_unknown(section: str, given: Mapping[str, Any], allowed: Sequence[str]) -> None:
     unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise InputError(f"config: unknown key(s) {', '.join(unknown)} in '{section}'; allowed: {', '.join(sorted(allowed))}")
+        raise InputError(
+            f"config: unknown key(s) {', '.join(unknown)} in '{section}'; allowed: {', '.join(sorted(allowed))}"
+        )
 
 
 def _triple(value: Any, name: str, kind: type = float) -> tuple:
@@ -97,6 +100,9 @@ class AugmentationSection:
     scale_range: float = 0.15
     contrast_prob: float = 0.0
     contrast_gamma: tuple[float, float] = (0.5, 2.0)
+    crop_centres: str = "foreground"
+    organ_intensity_prob: float = 0.0
+    organ_intensity_offset: float = 0.2
     intensity_shift: float = 0.1
     intensity_shift_prob: float = 0.5
     intensity_scale: float = 0.1
@@ -108,8 +114,8 @@ class TrainingSection:
     """The optimisation loop. ``batch_size``: cases per micro-batch per process (each gives ``num_samples`` crops);
     ``grad_accumulation`` micro-batches make one optimiser step. Learning rate: linear warm-up over ``warmup_steps``,
     then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``; the modules that make the dynamic heads (``controller``,
-``text_to_vision``, ``GAP``) use ``lr * head_lr_scale`` (below 1 keeps the heads' ReLUs from dying when training from
-scratch at a high rate). ``amp``: ``auto`` (float16 autocast + gradient scaling
+    ``text_to_vision``, ``GAP``) use ``lr * head_lr_scale`` (below 1 keeps the heads' ReLUs from dying when training from
+    scratch at a high rate). ``amp``: ``auto`` (float16 autocast + gradient scaling
     on CUDA, off on CPU), ``fp16``, ``bf16`` or ``off``. Checkpoints (for exact resume) every ``checkpoint_every`` steps
     and at least every ``checkpoint_minutes``; ``max_minutes`` stops the run cleanly (checkpoint + export) after that
     wall-clock time. ``retain_weight`` > 0 keeps the starting model's behaviour on its classes a sample does not annotate
@@ -230,7 +236,9 @@ def _parse_dataset(raw: Any, index: int, base: Path) -> DatasetSection:
     if "type" not in raw:
         raise InputError(f"config: dataset '{raw['name']}' has no 'type'; use one of {', '.join(DATASET_TYPES)}")
     if raw["type"] not in DATASET_TYPES:
-        raise InputError(f"config: dataset '{raw['name']}' has unknown type {raw['type']!r}; use one of {', '.join(DATASET_TYPES)}")
+        raise InputError(
+            f"config: dataset '{raw['name']}' has unknown type {raw['type']!r}; use one of {', '.join(DATASET_TYPES)}"
+        )
     # A folder entry's label files are 'label_images' (a glob); a string 'labels' is accepted as that glob too.
     if raw["type"] == "folder" and isinstance(raw.get("labels"), str) and "label_images" not in raw:
         raw["label_images"] = raw.pop("labels")
@@ -247,12 +255,16 @@ def _parse_dataset(raw: Any, index: int, base: Path) -> DatasetSection:
     if ds.weight <= 0:
         raise InputError(f"config: dataset '{ds.name}' weight must be positive, got {ds.weight}")
     if ds.label_values not in ("names", "catalog"):
-        raise InputError(f"config: dataset '{ds.name}' label_values must be 'names' or 'catalog', got {ds.label_values!r}")
+        raise InputError(
+            f"config: dataset '{ds.name}' label_values must be 'names' or 'catalog', got {ds.label_values!r}"
+        )
     if ds.label_names is not None:
         try:
             ds.label_names = {int(k): str(v) for k, v in ds.label_names.items()}
         except (TypeError, ValueError):
-            raise InputError(f"config: dataset '{ds.name}' label_names must map integer label values to names") from None
+            raise InputError(
+                f"config: dataset '{ds.name}' label_names must map integer label values to names"
+            ) from None
     if ds.labels is not None and not isinstance(ds.labels, Mapping):
         raise InputError(f"config: dataset '{ds.name}' labels must map catalog class names to source labels")
     return ds
@@ -263,8 +275,20 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path = ".", source_path
     if not isinstance(raw, Mapping):
         raise InputError("config: the file must hold a mapping (name, model, datasets, training ...)")
     base = Path(base_dir).resolve()
-    top = ("name", "description", "model", "augmentation", "training", "validation", "datasets", "spacing",
-           "hu_window", "output", "catalog", "licence")
+    top = (
+        "name",
+        "description",
+        "model",
+        "augmentation",
+        "training",
+        "validation",
+        "datasets",
+        "spacing",
+        "hu_window",
+        "output",
+        "catalog",
+        "licence",
+    )
     _reject_unknown("top level", raw, top)
     datasets_raw = raw.get("datasets")
     if not datasets_raw or not isinstance(datasets_raw, list):
@@ -276,7 +300,9 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path = ".", source_path
         raise InputError(f"config: dataset names must be unique; repeated: {', '.join(dupes)}")
     model = _section(ModelSection, "model", raw.get("model"))
     if model.architecture is not None and model.architecture not in ARCHITECTURES:
-        raise InputError(f"config: model.architecture must be one of {', '.join(ARCHITECTURES)}, got {model.architecture!r}")
+        raise InputError(
+            f"config: model.architecture must be one of {', '.join(ARCHITECTURES)}, got {model.architecture!r}"
+        )
     if model.width is not None and int(model.width) < 1:
         raise InputError(f"config: model.width must be a positive integer, got {model.width}")
     if isinstance(model.classes, str):
@@ -291,8 +317,16 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path = ".", source_path
     aug = _section(AugmentationSection, "augmentation", raw.get("augmentation"))
     if any(a not in (0, 1, 2) for a in aug.flip_axes):
         raise InputError(f"config: augmentation.flip_axes must list axes 0, 1, 2; got {aug.flip_axes}")
+    if aug.crop_centres not in ("foreground", "classes"):
+        raise InputError(
+            f"config: augmentation.crop_centres must be 'foreground' or 'classes', got {aug.crop_centres!r}"
+        )
+    if not 0 <= aug.organ_intensity_prob <= 1 or aug.organ_intensity_offset < 0:
+        raise InputError("config: augmentation.organ_intensity_prob must be in [0, 1] and organ_intensity_offset >= 0")
     if len(aug.contrast_gamma) != 2 or not 0 < float(aug.contrast_gamma[0]) <= float(aug.contrast_gamma[1]):
-        raise InputError(f"config: augmentation.contrast_gamma must be [low, high] with 0 < low <= high, got {aug.contrast_gamma}")
+        raise InputError(
+            f"config: augmentation.contrast_gamma must be [low, high] with 0 < low <= high, got {aug.contrast_gamma}"
+        )
     if not 0 <= aug.scale_range < 1:
         raise InputError(f"config: augmentation.scale_range must be in [0, 1), got {aug.scale_range}")
     if aug.num_samples < 1 or aug.pos < 0 or aug.neg < 0 or aug.pos + aug.neg <= 0:
@@ -306,7 +340,9 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path = ".", source_path
     if tr.cache not in ("memory", "disk", "none"):
         raise InputError(f"config: training.cache must be memory, disk or none; got {tr.cache!r}")
     if tr.lr <= 0 or tr.head_lr_scale <= 0 or not 0 <= tr.min_lr_ratio <= 1 or tr.warmup_steps < 0:
-        raise InputError("config: training.lr and head_lr_scale must be positive, min_lr_ratio in [0, 1], warmup_steps >= 0")
+        raise InputError(
+            "config: training.lr and head_lr_scale must be positive, min_lr_ratio in [0, 1], warmup_steps >= 0"
+        )
     if tr.checkpoint_every < 1:
         raise InputError("config: training.checkpoint_every must be at least 1")
     val = _section(ValidationSection, "validation", raw.get("validation"))

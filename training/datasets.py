@@ -28,7 +28,7 @@ Each dataset entry (``datasets:`` in the config) has a ``type``:
                     "masks": {"Liver": "masks/scan2/liver.nii.gz", "Liver Tumor": "masks/scan2/liver_tumor.nii.gz"},
                     "annotated": ["Liver", "Liver Tumor"]}]}
 
-    (:func:`training.exported.upsert_case` writes and replaces such entries.)
+    (:mod:`UniversalSegLib.dataset_json` owns the format: its reader and its writer.)
 
 Mapping (``labels:``): catalog class -> source labels, given as label values or names (or, for ``masks``, structure
 names). Several sources may form one class (lung lobes -> Right Lung) and one source may count for several classes
@@ -37,6 +37,7 @@ side: right}`` keeps the connected parts of ``lung`` whose centre lies on the pa
 ``annotated`` (default: the mapped classes) lists the classes the dataset annotates; a listed class without sources is
 annotated as absent. ``ignore_labels`` lists label values/names that are known but not used.
 """
+
 from __future__ import annotations
 
 import glob as globlib
@@ -49,10 +50,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from UniversalSegLib.catalog import ClassCatalog
+from UniversalSegLib.dataset_json import dataset_file, read_dataset_file
 from UniversalSegLib.errors import ClassNameError, InputError
 
 from .config import DatasetSection, TrainingConfig
-from .exported import EXPORTED_FILE, EXPORTED_FORMAT
 from .totalsegmentator import TOTALSEG_V2_TO_CATALOG, TOTALSEG_V2_TOTAL
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -139,7 +140,9 @@ def _parse_refs(dataset: str, class_name: str, spec: Any) -> list[SourceRef]:
     if isinstance(spec, Mapping):
         unknown = set(spec) - {"labels", "side"}
         if unknown:
-            raise InputError(f"dataset '{dataset}': class '{class_name}' mapping has unknown key(s) {sorted(unknown)}; use labels and side")
+            raise InputError(
+                f"dataset '{dataset}': class '{class_name}' mapping has unknown key(s) {sorted(unknown)}; use labels and side"
+            )
         side = spec.get("side")
         if side is not None and side not in SIDES:
             raise InputError(f"dataset '{dataset}': class '{class_name}' side must be right or left, got {side!r}")
@@ -147,7 +150,9 @@ def _parse_refs(dataset: str, class_name: str, spec: Any) -> list[SourceRef]:
     if isinstance(spec, (str, int)):
         spec = [spec]
     if not isinstance(spec, (list, tuple)):
-        raise InputError(f"dataset '{dataset}': class '{class_name}' must map to a label, a list of labels or {{labels, side}}")
+        raise InputError(
+            f"dataset '{dataset}': class '{class_name}' must map to a label, a list of labels or {{labels, side}}"
+        )
     refs = []
     for item in spec:
         if isinstance(item, bool) or not isinstance(item, (str, int)):
@@ -172,7 +177,9 @@ def _resolve_value(dataset: str, key: int | str, names: Mapping[int, str] | None
         close = difflib.get_close_matches(text.lower(), list(lowered), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise InputError(f"dataset '{dataset}': label name '{text}' is not in the dataset's label names{hint}")
-    raise InputError(f"dataset '{dataset}': label '{text}' is a name, but the dataset has no label names; give label values or 'label_names'")
+    raise InputError(
+        f"dataset '{dataset}': label '{text}' is a name, but the dataset has no label names; give label values or 'label_names'"
+    )
 
 
 def resolve_mapping(
@@ -228,7 +235,9 @@ def _strip_image_suffix(name: str) -> str:
 def _case_split(ds: DatasetSection, case_id: str, explicit: str | None, n_val: set[str]) -> str:
     if explicit is not None:
         if explicit not in ("train", "val", "both"):
-            raise InputError(f"dataset '{ds.name}' case '{case_id}': split must be train, val or both, got {explicit!r}")
+            raise InputError(
+                f"dataset '{ds.name}' case '{case_id}': split must be train, val or both, got {explicit!r}"
+            )
         return explicit
     if case_id in ds.val_cases or case_id in n_val:
         return "val"
@@ -282,24 +291,37 @@ def _build(
             sources, annotated, ignored = resolve_mapping(entry, catalog, None, masks_mode=True)
             masks = tuple((str(k), Path(v)) for k, v in raw["masks"].items())
         else:
-            sources, annotated, ignored = resolve_mapping(ds, catalog, names, masks_mode=case_masks_mode, default=default_mapping)
+            sources, annotated, ignored = resolve_mapping(
+                ds, catalog, names, masks_mode=case_masks_mode, default=default_mapping
+            )
             masks = tuple((str(k), Path(v)) for k, v in (raw.get("masks") or {}).items())
         if raw.get("annotated") is not None:
             try:
-                annotated = sorted({catalog.lookup(str(a)).index if not isinstance(a, int) else catalog[a].index for a in raw["annotated"]})
+                annotated = sorted(
+                    {
+                        catalog.lookup(str(a)).index if not isinstance(a, int) else catalog[a].index
+                        for a in raw["annotated"]
+                    }
+                )
             except ClassNameError as exc:
                 raise InputError(f"dataset '{ds.name}' case '{raw['id']}' annotated: {exc}") from None
             sources = {k: v for k, v in sources.items() if k in annotated}
         elif per_case_annotated:
-            raise InputError(f"dataset '{ds.name}' case '{raw['id']}' lists no 'annotated' classes (exported datasets must)")
+            raise InputError(
+                f"dataset '{ds.name}' case '{raw['id']}' lists no 'annotated' classes (exported datasets must)"
+            )
         if not annotated:
-            raise InputError(f"dataset '{ds.name}' case '{raw['id']}' annotates no class; map at least one catalog class")
+            raise InputError(
+                f"dataset '{ds.name}' case '{raw['id']}' annotates no class; map at least one catalog class"
+            )
         if case_masks_mode:
             # Only the structures some annotated class uses are loaded.
             used = {str(r.key) for refs in sources.values() for r in refs}
             missing = sorted(used - {n for n, _ in masks})
             if missing:
-                raise InputError(f"dataset '{ds.name}' case '{raw['id']}': no mask file for structure(s) {', '.join(missing)}")
+                raise InputError(
+                    f"dataset '{ds.name}' case '{raw['id']}': no mask file for structure(s) {', '.join(missing)}"
+                )
             masks = tuple((n, p) for n, p in masks if n in used)
         out.append(
             CaseSpec(
@@ -327,21 +349,25 @@ def _files_cases(ds: DatasetSection, config: TrainingConfig, catalog: ClassCatal
     for n, c in enumerate(ds.cases):
         if not isinstance(c, Mapping) or "image" not in c or not (c.get("label") or c.get("masks")):
             raise InputError(f"dataset '{ds.name}' case {n + 1}: needs 'image' and 'label' (or 'masks')")
-        raw.append({
-            "id": str(c.get("id") or _strip_image_suffix(Path(c["image"]).name)),
-            "image": _rel(base, c["image"]),
-            "label": _rel(base, c["label"]) if c.get("label") else None,
-            "masks": {k: _rel(base, v) for k, v in (c.get("masks") or {}).items()},
-            "annotated": c.get("annotated"),
-            "split": c.get("split"),
-        })
+        raw.append(
+            {
+                "id": str(c.get("id") or _strip_image_suffix(Path(c["image"]).name)),
+                "image": _rel(base, c["image"]),
+                "label": _rel(base, c["label"]) if c.get("label") else None,
+                "masks": {k: _rel(base, v) for k, v in (c.get("masks") or {}).items()},
+                "annotated": c.get("annotated"),
+                "split": c.get("split"),
+            }
+        )
     return _build(ds, raw, catalog, ds.label_names, masks_mode=False)
 
 
 def _folder_cases(ds: DatasetSection, config: TrainingConfig, catalog: ClassCatalog) -> list[CaseSpec]:
     base = _base(ds, config)
     if not ds.images or not ds.label_images:
-        raise InputError(f"dataset '{ds.name}' (type folder) needs 'images' and 'label_images' globs, e.g. imagesTr/*.nii.gz and labelsTr/*.nii.gz")
+        raise InputError(
+            f"dataset '{ds.name}' (type folder) needs 'images' and 'label_images' globs, e.g. imagesTr/*.nii.gz and labelsTr/*.nii.gz"
+        )
 
     def by_id(pattern: str, suffix: str) -> dict[str, Path]:
         found = {}
@@ -378,7 +404,9 @@ def _msd_label_names(doc: Mapping[str, Any], path: Path) -> dict[int, str]:
         elif isinstance(v, int):  # nnU-Net v2: {"liver": 1}
             out[v] = str(k)
         else:
-            raise InputError(f"{path}: label entry {k!r}: {v!r} is neither MSD ('1': 'liver') nor nnU-Net v2 ('liver': 1) style")
+            raise InputError(
+                f"{path}: label entry {k!r}: {v!r} is neither MSD ('1': 'liver') nor nnU-Net v2 ('liver': 1) style"
+            )
     return out
 
 
@@ -400,7 +428,13 @@ def _msd_cases(ds: DatasetSection, config: TrainingConfig, catalog: ClassCatalog
         if not isinstance(e, Mapping) or "image" not in e or "label" not in e:
             raise InputError(f"dataset '{ds.name}': {path} {ds.section}[{n}] needs 'image' and 'label'")
         image = e["image"][0] if isinstance(e["image"], list) else e["image"]
-        raw.append({"id": _strip_image_suffix(Path(image).name), "image": _rel(path.parent, image), "label": _rel(path.parent, e["label"])})
+        raw.append(
+            {
+                "id": _strip_image_suffix(Path(image).name),
+                "image": _rel(path.parent, image),
+                "label": _rel(path.parent, e["label"]),
+            }
+        )
     return _build(ds, raw, catalog, names, masks_mode=False)
 
 
@@ -416,7 +450,9 @@ def _totalseg_cases(ds: DatasetSection, config: TrainingConfig, catalog: ClassCa
         if (folders[0] / "segmentations").is_dir():
             masks_pattern = "segmentations/{name}.nii.gz"
         else:
-            raise InputError(f"dataset '{ds.name}': give 'label_file' (multi-label map) or 'masks' (e.g. segmentations/{{name}}.nii.gz)")
+            raise InputError(
+                f"dataset '{ds.name}': give 'label_file' (multi-label map) or 'masks' (e.g. segmentations/{{name}}.nii.gz)"
+            )
     if masks_pattern is not None and "{name}" not in masks_pattern:
         raise InputError(f"dataset '{ds.name}': 'masks' must contain {{name}}, e.g. segmentations/{{name}}.nii.gz")
     names = ds.label_names or dict(TOTALSEG_V2_TOTAL)
@@ -426,7 +462,17 @@ def _totalseg_cases(ds: DatasetSection, config: TrainingConfig, catalog: ClassCa
         case_id = folder.name if folder != base else base.name
         entry: dict[str, Any] = {"id": case_id, "image": folder / ds.image}
         if masks_pattern is not None:
-            structures = sorted({str(s) for spec in mapping.values() for s in (spec.get("labels", []) if isinstance(spec, Mapping) else (spec if isinstance(spec, list) else [spec]))})
+            structures = sorted(
+                {
+                    str(s)
+                    for spec in mapping.values()
+                    for s in (
+                        spec.get("labels", [])
+                        if isinstance(spec, Mapping)
+                        else (spec if isinstance(spec, list) else [spec])
+                    )
+                }
+            )
             entry["masks"] = {s: folder / masks_pattern.format(name=s) for s in structures}
             if ds.labels is None:
                 # Default mapping: a class counts as annotated in this case only when all its structure files exist.
@@ -439,28 +485,22 @@ def _totalseg_cases(ds: DatasetSection, config: TrainingConfig, catalog: ClassCa
         else:
             entry["label"] = folder / ds.label_file
         raw.append(entry)
-    return _build(ds, raw, catalog, names if masks_pattern is None else None, masks_mode=masks_pattern is not None,
-                  default_mapping=TOTALSEG_V2_TO_CATALOG)
+    return _build(
+        ds,
+        raw,
+        catalog,
+        names if masks_pattern is None else None,
+        masks_mode=masks_pattern is not None,
+        default_mapping=TOTALSEG_V2_TO_CATALOG,
+    )
 
 
 def read_exported(path: str | Path) -> tuple[Path, dict]:
-    """Read an exported dataset file (or the ``dataset.json`` in a folder): (file path, document)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / EXPORTED_FILE
-    if not path.is_file():
-        raise InputError(f"exported dataset file not found: {path}")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(f"exported dataset {path} is not valid JSON ({exc})") from None
-    if not isinstance(doc, Mapping) or doc.get("format") != EXPORTED_FORMAT:
-        raise InputError(f"{path} is not an exported UniversalSeg dataset (its 'format' must be {EXPORTED_FORMAT!r})")
-    if int(doc.get("format_version", 1)) > 1:
-        raise InputError(f"{path} has format_version {doc.get('format_version')}; this version of UniversalSeg reads version 1; update it")
-    if not isinstance(doc.get("cases"), list):
-        raise InputError(f"exported dataset {path} has no 'cases' list")
-    return path, dict(doc)
+    """Read an exported dataset file (or the ``dataset.json`` in a folder): (file path, document), validated by
+    :func:`UniversalSegLib.dataset_json.read_dataset_file`."""
+    path = Path(path).expanduser()
+    path = path if path.is_file() else dataset_file(path)  # a file of any name, or the dataset.json of a folder
+    return path, read_dataset_file(path).to_dict()
 
 
 def _exported_cases(ds: DatasetSection, config: TrainingConfig, catalog: ClassCatalog) -> list[CaseSpec]:
@@ -469,17 +509,17 @@ def _exported_cases(ds: DatasetSection, config: TrainingConfig, catalog: ClassCa
     if not doc["cases"]:
         raise InputError(f"exported dataset {path} has no cases yet; export at least one reviewed scan")
     raw = []
-    for n, c in enumerate(doc["cases"]):
-        if not isinstance(c, Mapping) or "image" not in c or not (c.get("label") or c.get("masks")):
-            raise InputError(f"exported dataset {path} case {n + 1}: needs 'image' and 'label' (or 'masks')")
-        raw.append({
-            "id": str(c.get("id") or _strip_image_suffix(Path(c["image"]).name)),
-            "image": _rel(path.parent, c["image"]),
-            "label": _rel(path.parent, c["label"]) if c.get("label") else None,
-            "masks": {k: _rel(path.parent, v) for k, v in (c.get("masks") or {}).items()},
-            "annotated": c.get("annotated"),
-            "split": c.get("split"),
-        })
+    for c in doc["cases"]:  # each has 'image' and 'label' or 'masks' (checked by the reader)
+        raw.append(
+            {
+                "id": str(c.get("id") or _strip_image_suffix(Path(c["image"]).name)),
+                "image": _rel(path.parent, c["image"]),
+                "label": _rel(path.parent, c["label"]) if c.get("label") else None,
+                "masks": {k: _rel(path.parent, v) for k, v in (c.get("masks") or {}).items()},
+                "annotated": c.get("annotated"),
+                "split": c.get("split"),
+            }
+        )
     return _build(ds, raw, catalog, None, masks_mode=False, per_case_annotated=True)
 
 
@@ -592,7 +632,9 @@ def read_case_labels(case: CaseSpec | Mapping[str, Any], image=None) -> CaseLabe
 
     data = case.to_data() if isinstance(case, CaseSpec) else dict(case)
     name = data["case"]
-    sources: list[tuple[int, list[tuple[Any, str | None]]]] = [(int(c), [(k, s) for k, s in refs]) for c, refs in data["sources"]]
+    sources: list[tuple[int, list[tuple[Any, str | None]]]] = [
+        (int(c), [(k, s) for k, s in refs]) for c, refs in data["sources"]
+    ]
 
     def read(path: str) -> "sitk.Image":
         if not Path(path).is_file():
@@ -600,7 +642,9 @@ def read_case_labels(case: CaseSpec | Mapping[str, Any], image=None) -> CaseLabe
         try:
             img = sitk.ReadImage(str(path))
         except RuntimeError as exc:
-            raise InputError(f"case {name}: cannot read label {path} ({str(exc).strip().splitlines()[-1][:120]})") from None
+            raise InputError(
+                f"case {name}: cannot read label {path} ({str(exc).strip().splitlines()[-1][:120]})"
+            ) from None
         if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
             raise InputError(f"case {name}: label {path} must be a 3-D single-component image")
         if image is not None:
@@ -624,7 +668,9 @@ def read_case_labels(case: CaseSpec | Mapping[str, Any], image=None) -> CaseLabe
         arr = sitk.GetArrayFromImage(read(data["label"]))
         if not np.issubdtype(arr.dtype, np.integer):
             if not np.all(np.mod(arr, 1) == 0):
-                raise InputError(f"case {name}: label {data['label']} has non-integer values; labels must be integer maps")
+                raise InputError(
+                    f"case {name}: label {data['label']} has non-integer values; labels must be integer maps"
+                )
             arr = arr.astype(np.int64)
         values = {int(v) for v in np.unique(arr)}
         unknown = values - set(data["known_values"])
@@ -665,7 +711,9 @@ def read_case_labels(case: CaseSpec | Mapping[str, Any], image=None) -> CaseLabe
             arr = sitk.GetArrayFromImage(read(path))
             vals = set(np.unique(arr).tolist())
             if not vals <= {0, 1} and not vals <= {0, 255}:
-                raise InputError(f"case {name}: mask {Path(path).name} is not binary (values {sorted(vals)[:6]}); masks must hold 0 and 1")
+                raise InputError(
+                    f"case {name}: mask {Path(path).name} is not binary (values {sorted(vals)[:6]}); masks must hold 0 and 1"
+                )
             sel = arr > 0
             split = any(s for _, refs in sources for k, s in refs if str(k) == structure)
             if split:
@@ -678,7 +726,13 @@ def read_case_labels(case: CaseSpec | Mapping[str, Any], image=None) -> CaseLabe
                     if str(k) != structure:
                         continue
                     if split:
-                        classes[c] += [(channel, 1)] if s == "right" else [(channel, 2)] if s == "left" else [(channel, 1), (channel, 2)]
+                        classes[c] += (
+                            [(channel, 1)]
+                            if s == "right"
+                            else [(channel, 2)]
+                            if s == "left"
+                            else [(channel, 1), (channel, 2)]
+                        )
                     else:
                         classes[c].append((channel, 1))
         if not channels:

@@ -4,6 +4,7 @@ sampled crops contain it (``universalseg-train diagnose CONFIG``; prints JSON).
 Used to find what limits a model before tuning it: a class that a crop never holds whole, or that appears in few
 sampled crops, learns slowly whatever the step count.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -54,7 +55,10 @@ def diagnose(config: TrainingConfig, samples: int = 64, seed: int = 0) -> dict[s
                 continue
             idx = np.nonzero(m)
             extent = [float((i.max() - i.min() + 1) * s) for i, s in zip(idx, config.spacing)]
-            rows[catalog[c].name] = {"extent_mm": [round(e) for e in extent], "in_one_centred_crop": round(_centred_fraction(m, crop), 3)}
+            rows[catalog[c].name] = {
+                "extent_mm": [round(e) for e in extent],
+                "in_one_centred_crop": round(_centred_fraction(m, crop), 3),
+            }
         cases[case.name] = {"preprocessed_shape": list(item["image"].shape[1:]), "classes": rows}
         per_case = max(1, samples // len(train))
         drawn = 0
@@ -70,13 +74,20 @@ def diagnose(config: TrainingConfig, samples: int = 64, seed: int = 0) -> dict[s
     crops = {
         catalog[c].name: {
             "crops_annotating": int(annotated_crops[k]),
-            "share_of_those_containing_it": round(float(presence[k] / annotated_crops[k]), 3) if annotated_crops[k] else None,
+            "share_of_those_containing_it": round(float(presence[k] / annotated_crops[k]), 3)
+            if annotated_crops[k]
+            else None,
             "mean_voxel_share_when_present": round(float(share[k] / presence[k]), 4) if presence[k] else None,
         }
         for k, c in enumerate(classes)
     }
-    return {"spacing_mm": list(config.spacing), "crop_size": list(crop),
-            "crop_mm": [round(c * s) for c, s in zip(crop, config.spacing)], "cases": cases, "sampled_crops": crops}
+    return {
+        "spacing_mm": list(config.spacing),
+        "crop_size": list(crop),
+        "crop_mm": [round(c * s) for c, s in zip(crop, config.spacing)],
+        "cases": cases,
+        "sampled_crops": crops,
+    }
 
 
 def head_activity(model, window: torch.Tensor) -> dict[str, dict[str, float]]:
@@ -93,6 +104,9 @@ def head_activity(model, window: torch.Tensor) -> dict[str, dict[str, float]]:
         for k, name in enumerate(model.class_names):
             h1, h2, logit = model.head_layers(x, params[:, k])
             alive = torch.cat([(h1 > 0).any(dim=2), (h2 > 0).any(dim=2)], dim=1).float().mean()
-            out[name] = {"alive_units": round(float(alive), 3), "logit_std": round(float(logit.std()), 3),
-                         "foreground_share": round(float((logit > 0).float().mean()), 4)}
+            out[name] = {
+                "alive_units": round(float(alive), 3),
+                "logit_std": round(float(logit.std()), 3),
+                "foreground_share": round(float((logit > 0).float().mean()), 4),
+            }
     return out

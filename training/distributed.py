@@ -10,6 +10,7 @@ Launch::
 NCCL on GPUs and Gloo on CPUs. Each rank draws different crops (the data stream is seeded by step and rank); gradients
 are averaged by DDP, so all ranks keep identical weights (checked at every checkpoint by comparing weight digests).
 """
+
 from __future__ import annotations
 
 import hashlib

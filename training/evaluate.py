@@ -5,6 +5,7 @@ post-processing, masks on the input grid); the reference masks come from the dat
 mapping as training. Scores use MONAI's metrics on the input grid: Dice, and the normalised surface Dice (NSD) at a
 tolerance in millimetres. Several models can be compared on the same scans (e.g. before/after fine-tuning).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,14 +16,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from UniversalSegLib.catalog import ClassCatalog
+from UniversalSegLib.catalog import ClassCatalog, model_class_indices
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.postprocess import PostprocessOptions, steps_for_model
 
 from .datasets import CaseSpec, class_masks, read_case_labels
 
 
-def score_masks(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float], tolerance_mm: float) -> dict[str, Any]:
+def score_masks(
+    pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float], tolerance_mm: float
+) -> dict[str, Any]:
     """Dice and NSD of two bool (z, y, x) masks. Empty reference: Dice/NSD are None (reported, not averaged)."""
     from monai.metrics import compute_dice, compute_surface_dice
 
@@ -36,8 +39,13 @@ def score_masks(pred: np.ndarray, truth: np.ndarray, spacing_zyx: Sequence[float
     if not pred.any():
         out["nsd"] = 0.0
     else:
-        nsd = compute_surface_dice(p, t, class_thresholds=[float(tolerance_mm)], include_background=True,
-                                   spacing=[float(s) for s in spacing_zyx])
+        nsd = compute_surface_dice(
+            p,
+            t,
+            class_thresholds=[float(tolerance_mm)],
+            include_background=True,
+            spacing=[float(s) for s in spacing_zyx],
+        )
         out["nsd"] = float(nsd[0, 0])
     return out
 
@@ -57,7 +65,6 @@ def evaluate_models(
 ) -> dict[str, Any]:
     """Score each model on each case. Returns ``{"models": [...], "cases": [...], "per_case": {model: {case: {class:
     scores}}}, "summary": {model: {class: {dice, nsd, cases, false_positive_cases}}}}``."""
-    import SimpleITK as sitk
 
     from UniversalSegLib.checkpoints import load_model
     from UniversalSegLib.imageio import read_image
@@ -72,9 +79,13 @@ def evaluate_models(
     summary: dict[str, dict[str, dict]] = {}
     for model_ref in models:
         model = load_model(model_ref, device="cpu", accept_licence=accept_licence)
-        known = {catalog.find(n).index for n in model.class_names if catalog.find(n) is not None}
-        options = SegmentationOptions(device=device, fast=fast, overlap=overlap,
-                                      postprocess=steps_for_model(known, PostprocessOptions() if postprocess else PostprocessOptions.none()))
+        known = {c for c in model_class_indices(model, catalog, strict=False) if c is not None}
+        options = SegmentationOptions(
+            device=device,
+            fast=fast,
+            overlap=overlap,
+            postprocess=steps_for_model(known, PostprocessOptions() if postprocess else PostprocessOptions.none()),
+        )
         engine = Engine(model, options)
         per_case[model_ref] = {}
         for case in cases:

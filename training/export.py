@@ -4,6 +4,7 @@ The metadata records what a user of the file needs to judge it: how it was train
 checkpoint), on which data under which licences, the licence of the weights and of the class embeddings inside them
 (``organ_embedding``), and the validation Dice per class.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from UniversalSegLib import __version__
-from UniversalSegLib.catalog import ClassCatalog
+from UniversalSegLib.catalog import ClassCatalog, model_class_indices
 from UniversalSegLib.checkpoints import save_checkpoint
 from UniversalSegLib.errors import CheckpointError, InputError
 from UniversalSegLib.networks.universal_model import ModelConfig, UniversalModel
@@ -38,15 +39,17 @@ def data_provenance(config, cases: Sequence) -> list[dict[str, Any]]:
     for ds in config.datasets:
         mine = [c for c in cases if c.dataset == ds.name]
         classes = sorted({a for c in mine for a in c.annotated})
-        out.append({
-            "dataset": ds.name,
-            "type": ds.type,
-            "train_cases": sum(c.split in ("train", "both") for c in mine),
-            "val_cases": sum(c.split in ("val", "both") for c in mine),
-            "annotated_classes": [catalog[c].name for c in classes],
-            "licence": ds.licence or "not stated",
-            "source": ds.source or "",
-        })
+        out.append(
+            {
+                "dataset": ds.name,
+                "type": ds.type,
+                "train_cases": sum(c.split in ("train", "both") for c in mine),
+                "val_cases": sum(c.split in ("val", "both") for c in mine),
+                "annotated_classes": [catalog[c].name for c in classes],
+                "licence": ds.licence or "not stated",
+                "source": ds.source or "",
+            }
+        )
     return out
 
 
@@ -122,7 +125,9 @@ def build_metadata(
             f"(c) {UPSTREAM_EMBEDDINGS_COPYRIGHT}); the network was trained conditioned on them."
         )
     if start.get("licence") and init != "scratch":
-        meta["licence_notes"] = (meta.get("licence_notes", "") + f" Fine-tuned from {init} (licence {start['licence']}).").strip()
+        meta["licence_notes"] = (
+            meta.get("licence_notes", "") + f" Fine-tuned from {init} (licence {start['licence']})."
+        ).strip()
     return meta
 
 
@@ -158,7 +163,10 @@ def latest_state(run_dir: str | Path) -> Path | None:
 def model_from_state(state: Mapping[str, Any]) -> UniversalModel:
     """Rebuild the trained model (with class names and metadata) from a training state."""
     cfg = state["model_config"]
-    model = UniversalModel(ModelConfig(cfg["architecture"], int(cfg["width"]), int(cfg.get("in_channels", 1))), num_classes=len(state["class_names"]))
+    model = UniversalModel(
+        ModelConfig(cfg["architecture"], int(cfg["width"]), int(cfg.get("in_channels", 1))),
+        num_classes=len(state["class_names"]),
+    )
     model.load_state_dict(state["model"], strict=True)
     model.class_names = list(state["class_names"])
     meta = state.get("metadata") or {}
@@ -166,8 +174,14 @@ def model_from_state(state: Mapping[str, Any]) -> UniversalModel:
     return model
 
 
-def export_model(source: str | Path, output: str | Path, *, which: str = "last", extra: Mapping[str, Any] | None = None,
-                 offered: "OfferedClasses | None" = None) -> Path:
+def export_model(
+    source: str | Path,
+    output: str | Path,
+    *,
+    which: str = "last",
+    extra: Mapping[str, Any] | None = None,
+    offered: "OfferedClasses | None" = None,
+) -> Path:
     """Write a project checkpoint from a run folder (``which``: ``last`` state or ``best`` validated weights) or a
     training-state file. ``extra`` metadata (e.g. name, licence) overrides the recorded one. ``offered``: keep only the
     classes that passed the held-out Dice floor (recorded in the metadata entry ``held_out``)."""
@@ -187,7 +201,9 @@ def export_model(source: str | Path, output: str | Path, *, which: str = "last",
             # hold the newest weights with their full metadata; use the newest of them that is current.
             candidates = [p for p in (source / "model.safetensors", source / "model_last.safetensors") if p.is_file()]
             if state_path is None and not candidates:
-                raise InputError(f"{source} holds no training state (checkpoints/step_*.pt); is it a run folder of 'fit'?")
+                raise InputError(
+                    f"{source} holds no training state (checkpoints/step_*.pt); is it a run folder of 'fit'?"
+                )
             current = [p for p in candidates if state_path is None or p.stat().st_mtime >= state_path.stat().st_mtime]
             if current:
                 model = load_project_checkpoint(current[0])
@@ -225,8 +241,13 @@ class OfferedClasses:
         return [name for name, index in kept.items() if dependencies([index]) <= have]
 
     def metadata(self) -> dict[str, Any]:
-        return {"floor": self.floor, "evaluation": self.evaluation, "cases": self.cases,
-                "dice": {k: round(v, 4) for k, v in self.dice.items()}, "offered": self.classes}
+        return {
+            "floor": self.floor,
+            "evaluation": self.evaluation,
+            "cases": self.cases,
+            "dice": {k: round(v, 4) for k, v in self.dice.items()},
+            "offered": self.classes,
+        }
 
     @classmethod
     def from_evaluation(cls, path: str | Path, floor: float, model_key: str | None = None) -> "OfferedClasses":
@@ -248,13 +269,17 @@ class OfferedClasses:
 def keep_classes(model: UniversalModel, names: Sequence[str]) -> UniversalModel:
     """The same network offering only ``names`` (its other class-embedding rows removed). The backbone and the
     controller are shared by all classes, so each kept class's output is unchanged."""
-    position = {n: i for i, n in enumerate(model.class_names)}
-    missing = [n for n in names if n not in position]
+    catalog = ClassCatalog.default()
+    position = {c: r for r, c in enumerate(model_class_indices(model, catalog, strict=False)) if c is not None}
+    found = {n: catalog.find(n) for n in names}
+    missing = [n for n, info in found.items() if info is None or info.index not in position]
     if missing:
         raise InputError(f"the model has no class {', '.join(missing)}; it has: {', '.join(model.class_names)}")
     if not names:
-        raise InputError("no class reaches the Dice floor; the checkpoint would offer nothing (lower --floor or train longer)")
-    rows = [position[n] for n in names]
+        raise InputError(
+            "no class reaches the Dice floor; the checkpoint would offer nothing (lower --floor or train longer)"
+        )
+    rows = [position[found[n].index] for n in names]
     kept = UniversalModel(model.config, num_classes=len(rows))
     state = {k: v for k, v in model.state_dict().items() if k != "organ_embedding"}
     kept.load_state_dict(state, strict=False)

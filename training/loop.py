@@ -16,13 +16,13 @@ Outputs in the run folder (``output:`` in the config, or ``--output``)::
     tensorboard/                  the same as TensorBoard scalars
     fit_summary.json              what happened: steps, Dice before/after, weight digests per rank
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import logging
 import math
-import os
 import random
 import signal
 import sys
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from UniversalSegLib.catalog import model_class_indices, rows_for
 from UniversalSegLib.checkpoints import save_checkpoint
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.inferer import SlidingWindowSegmenter
@@ -55,7 +56,7 @@ from .distributed import (
 )
 from .export import STATE_FORMAT, build_metadata, command_line, latest_state, read_state
 from .losses import PartialLabelLoss, retention_loss
-from .modeling import StartingPoint, build_model
+from .modeling import build_model
 from .transforms import augmentation_transforms, class_targets, preprocessing_transforms
 
 logger = logging.getLogger("training")
@@ -69,7 +70,8 @@ HEAD_GENERATORS = ("controller", "text_to_vision", "GAP")
 def make_cached_dataset(data: list[dict], transform, mode: str, cache_dir: Path, workers: int, progress: bool):
     """MONAI dataset over the deterministic chain: in memory (``CacheDataset``), on disk (``PersistentDataset``) or
     recomputed each time (``Dataset``)."""
-    from monai.data import CacheDataset, Dataset as MonaiDataset, PersistentDataset
+    from monai.data import CacheDataset, PersistentDataset
+    from monai.data import Dataset as MonaiDataset
 
     if mode == "memory":
         return CacheDataset(data, transform, cache_rate=1.0, num_workers=max(1, workers), progress=progress)
@@ -139,8 +141,16 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 # ------------------------------------------------------------------------------------------------ validation
 
 
-def dice_scores(model: torch.nn.Module, val_items: Sequence[dict], classes: Sequence[int], catalog, *,
-                roi_size: Sequence[int], overlap: float, device: torch.device) -> dict[str, list[float]]:
+def dice_scores(
+    model: torch.nn.Module,
+    val_items: Sequence[dict],
+    classes: Sequence[int],
+    catalog,
+    *,
+    roi_size: Sequence[int],
+    overlap: float,
+    device: torch.device,
+) -> dict[str, list[float]]:
     """Dice per class name over validation cases, on the preprocessed grid (logit > 0 vs. the class mask); only
     classes a case annotates and that are present in it count."""
     from monai.metrics import compute_dice
@@ -209,7 +219,10 @@ class RunLog:
         if not self.enabled:
             return
         for name, values in sorted(scores.items()):
-            self._append("validation.csv", {"step": step, "class": name, "dice": round(float(np.mean(values)), 5), "cases": len(values)})
+            self._append(
+                "validation.csv",
+                {"step": step, "class": name, "dice": round(float(np.mean(values)), 5), "cases": len(values)},
+            )
             if self.tb is not None:
                 self.tb.add_scalar(f"val_dice/{name}", float(np.mean(values)), step)
         if self.tb is not None and scores:
@@ -224,10 +237,16 @@ class RunLog:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple (the default); its stub also allows the dict form
     state = {
         "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -350,24 +369,31 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
             if ctx.is_main:
                 logger.warning("resuming from %s (step %d)", path, state["step"])
             if state.get("config_digest") != config.digest() and ctx.is_main:
-                logger.warning("the config differs from the one this state was trained with; continuing with the new one")
+                logger.warning(
+                    "the config differs from the one this state was trained with; continuing with the new one"
+                )
     elif latest_state(out) is not None:
         raise InputError(f"{out} already holds training states; pass --resume to continue, or choose another --output")
 
     start = build_model(config, catalog, train_cases)
     model_classes = start.classes
     if state is not None:
-        if list(state["class_names"]) != [catalog[c].name for c in model_classes]:
-            raise InputError("the resumed state has other classes than this config gives; resume with the config it was trained with")
+        if model_class_indices(list(state["class_names"]), catalog, strict=False) != list(model_classes):
+            raise InputError(
+                "the resumed state has other classes than this config gives; resume with the config it was trained with"
+            )
         start.model.load_state_dict(state["model"], strict=True)
     model = start.model.to(ctx.device)
     model.metadata = {}
     teacher = start.teacher.to(ctx.device) if start.teacher is not None else None
     teacher_rows: list[int] = []
     if teacher is not None:
-        teacher_names = {n.lower(): i for i, n in enumerate(teacher.class_names)}
-        teacher_rows = [k for k, c in enumerate(model_classes) if catalog[c].name.lower() in teacher_names]
-        teacher_index = [teacher_names[catalog[model_classes[k]].name.lower()] for k in teacher_rows]
+        # student row k (class model_classes[k]) learns from the teacher's row for the same catalog class
+        teacher_row_of = {
+            c: r for r, c in enumerate(model_class_indices(teacher, catalog, strict=False)) if c is not None
+        }
+        teacher_rows = [k for k, c in enumerate(model_classes) if c in teacher_row_of]
+        teacher_index = rows_for(teacher, [model_classes[k] for k in teacher_rows], catalog)
 
     # --- data
     crop = tuple(tr.crop_size)
@@ -381,7 +407,9 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
         from monai.data import CacheDataset
 
         val_prep = preprocessing_transforms(config.spacing, config.hu_window, min_size=None, indices=False)
-        val_items = list(CacheDataset([c.to_data() for c in val_cases], val_prep, cache_rate=1.0, num_workers=1, progress=False))
+        val_items = list(
+            CacheDataset([c.to_data() for c in val_cases], val_prep, cache_rate=1.0, num_workers=1, progress=False)
+        )
 
     # --- optimisation
     params = [p for p in model.parameters() if p.requires_grad]
@@ -389,10 +417,13 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
         raise InputError("every parameter is frozen (model.freeze); nothing to train")
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in HEAD_GENERATORS]
     body = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in HEAD_GENERATORS]
-    groups = [g for g in ({"params": body, "lr": tr.lr}, {"params": head, "lr": tr.lr * tr.head_lr_scale}) if g["params"]]
+    groups = [
+        g for g in ({"params": body, "lr": tr.lr}, {"params": head, "lr": tr.lr * tr.head_lr_scale}) if g["params"]
+    ]
     optimizer = torch.optim.AdamW(groups, lr=tr.lr, weight_decay=tr.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tr.warmup_steps, tr.max_steps, tr.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, tr.warmup_steps, tr.max_steps, tr.min_lr_ratio)
+    )
     autocast, scaler = _amp(ctx.device, tr.amp)
     loss_fn = PartialLabelLoss(tr.bce_weight, tr.dice_weight)
     step = 0
@@ -411,7 +442,7 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
             _set_rng_state(rngs[ctx.rank])
 
     if ctx.enabled:
-        ddp_kwargs = {"device_ids": [ctx.device.index]} if ctx.device.type == "cuda" else {}
+        ddp_kwargs: dict[str, Any] = {"device_ids": [ctx.device.index]} if ctx.device.type == "cuda" else {}
         net: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
     else:
         net = model
@@ -434,12 +465,23 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
     if progress and ctx.is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=tr.max_steps, initial=step, desc="fit", unit="step", dynamic_ncols=True,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        bar = tqdm(
+            total=tr.max_steps,
+            initial=step,
+            desc="fit",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+        )
 
-    meta_common = dict(
-        cases=cases, init=start.init, start_metadata=start.start_metadata, embedding_sources=start.embedding_sources,
-        world_size=ctx.world_size, device=str(ctx.device), command=command,
+    meta_common: dict[str, Any] = dict(
+        cases=cases,
+        init=start.init,
+        start_metadata=start.start_metadata,
+        embedding_sources=start.embedding_sources,
+        world_size=ctx.world_size,
+        device=str(ctx.device),
+        command=command,
     )
     digests: list[str] = []
     last_ckpt_time = time.monotonic()
@@ -451,8 +493,15 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
     def validate_now(at: int) -> dict[str, float] | None:
         scores = None
         if ctx.is_main and val_items:
-            raw = dice_scores(model, val_items, model_classes, catalog, roi_size=config.validation.roi_size,
-                              overlap=config.validation.overlap, device=ctx.device)
+            raw = dice_scores(
+                model,
+                val_items,
+                model_classes,
+                catalog,
+                roi_size=config.validation.roi_size,
+                overlap=config.validation.overlap,
+                device=ctx.device,
+            )
             log.validation(at, raw)
             scores = {k: float(np.mean(v)) for k, v in raw.items()}
             history[str(at)] = scores
@@ -461,8 +510,14 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
             mean = float(np.mean(list(scores.values()))) if scores else -1.0
             if mean > best["mean"] and at > 0:
                 best.update(mean=mean, step=at)
-                meta = build_metadata(config, step=at, validation=scores, validation_step=at,
-                                      elapsed_minutes=(time.monotonic() - started) / 60, **meta_common)
+                meta = build_metadata(
+                    config,
+                    step=at,
+                    validation=scores,
+                    validation_step=at,
+                    elapsed_minutes=(time.monotonic() - started) / 60,
+                    **meta_common,
+                )
                 save_checkpoint(model, out / "model_best.safetensors", meta)
         barrier(ctx)
         return scores
@@ -473,32 +528,42 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
         rngs = all_gather_objects(ctx, _rng_state())
         if ctx.is_main:
             if len(set(digests)) != 1:
-                raise RuntimeError(f"weights differ across ranks at step {at}: {digests}; the distributed setup is broken")
+                raise RuntimeError(
+                    f"weights differ across ranks at step {at}: {digests}; the distributed setup is broken"
+                )
             folder = out / "checkpoints"
             folder.mkdir(exist_ok=True)
             name = f"step_{at:07d}.pt"
             last_val = history.get(max(history, key=int)) if history else None
-            meta = build_metadata(config, step=at, validation=last_val,
-                                  validation_step=int(max(history, key=int)) if history else None,
-                                  elapsed_minutes=(time.monotonic() - started) / 60, **meta_common)
-            _atomic_torch_save({
-                "format": STATE_FORMAT,
-                "format_version": 1,
-                "step": at,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "model_config": model.config.to_dict(),
-                "class_names": list(model.class_names),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {},
-                "rng": rngs,
-                "config": config.to_dict(),
-                "config_digest": config.digest(),
-                "history": history,
-                "best": best,
-                "world_size": ctx.world_size,
-                "metadata": json.dumps(meta),
-            }, folder / name)
+            meta = build_metadata(
+                config,
+                step=at,
+                validation=last_val,
+                validation_step=int(max(history, key=int)) if history else None,
+                elapsed_minutes=(time.monotonic() - started) / 60,
+                **meta_common,
+            )
+            _atomic_torch_save(
+                {
+                    "format": STATE_FORMAT,
+                    "format_version": 1,
+                    "step": at,
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "model_config": model.config.to_dict(),
+                    "class_names": list(model.class_names),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "rng": rngs,
+                    "config": config.to_dict(),
+                    "config_digest": config.digest(),
+                    "history": history,
+                    "best": best,
+                    "world_size": ctx.world_size,
+                    "metadata": json.dumps(meta),
+                },
+                folder / name,
+            )
             (folder / "last.json").write_text(json.dumps({"step": at, "file": name}))
             for old in sorted(folder.glob("step_*.pt"))[: -max(1, tr.keep_checkpoints)]:
                 old.unlink(missing_ok=True)
@@ -528,7 +593,7 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
                 if rows.numel() == 0:
                     rows = torch.arange(1, device=ctx.device)
                 sync = micro == tr.grad_accumulation - 1 or not ctx.enabled
-                with (nullcontext() if sync else net.no_sync()):
+                with nullcontext() if sync else net.no_sync():
                     with autocast():
                         logits = net(image, model.organ_embedding[rows])
                     sel = annotated[:, rows]
@@ -570,16 +635,18 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
             if step % tr.log_every == 0 or step == tr.max_steps:
                 n = max(interval["n"], 1)
                 seconds = time.monotonic() - interval_start
-                log.train({
-                    "step": step,
-                    "lr": step_lr,
-                    "loss": round(interval["loss"] / n, 6),
-                    "bce": round(interval["bce"] / n, 6),
-                    "dice_loss": round(interval["dice"] / n, 6),
-                    "retain": round(interval["retain"] / n, 6),
-                    "seconds_per_step": round(seconds / max(1, n / tr.grad_accumulation), 3),
-                    "elapsed_minutes": round((time.monotonic() - started) / 60, 2),
-                })
+                log.train(
+                    {
+                        "step": step,
+                        "lr": step_lr,
+                        "loss": round(interval["loss"] / n, 6),
+                        "bce": round(interval["bce"] / n, 6),
+                        "dice_loss": round(interval["dice"] / n, 6),
+                        "retain": round(interval["retain"] / n, 6),
+                        "seconds_per_step": round(seconds / max(1, n / tr.grad_accumulation), 3),
+                        "elapsed_minutes": round((time.monotonic() - started) / 60, 2),
+                    }
+                )
                 interval = {"loss": 0.0, "bce": 0.0, "dice": 0.0, "retain": 0.0, "n": 0}
                 interval_start = time.monotonic()
 
@@ -587,7 +654,9 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
             stopping = any_rank(ctx, stop.raised or over_time)
             if config.validation.every and step % config.validation.every == 0 and step < tr.max_steps and not stopping:
                 validate_now(step)
-            due_time = tr.checkpoint_minutes is not None and (time.monotonic() - last_ckpt_time) / 60 >= tr.checkpoint_minutes
+            due_time = (
+                tr.checkpoint_minutes is not None and (time.monotonic() - last_ckpt_time) / 60 >= tr.checkpoint_minutes
+            )
             if step % tr.checkpoint_every == 0 or any_rank(ctx, due_time) or stopping:
                 if step != last_ckpt_step:
                     checkpoint(step)
@@ -606,8 +675,14 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
     model_path = None
     summary: dict[str, Any] = {}
     if ctx.is_main:
-        meta = build_metadata(config, step=step, validation=final_scores, validation_step=step if final_scores else None,
-                              elapsed_minutes=(time.monotonic() - started) / 60, **meta_common)
+        meta = build_metadata(
+            config,
+            step=step,
+            validation=final_scores,
+            validation_step=step if final_scores else None,
+            elapsed_minutes=(time.monotonic() - started) / 60,
+            **meta_common,
+        )
         model_path = save_checkpoint(model, out / "model.safetensors", meta)
         steps_seen = sorted(history, key=int)
         summary = {

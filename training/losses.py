@@ -4,6 +4,7 @@ A dataset that annotates the liver says nothing about the kidneys in its scans, 
 not be pushed towards "absent": its loss terms are dropped (selected out, not multiplied by zero), so those logits get
 exactly zero gradient. An annotated class that is absent from the sample (empty mask) is a true negative and counts.
 """
+
 from __future__ import annotations
 
 import torch

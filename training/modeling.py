@@ -1,9 +1,11 @@
 """Building the model to train: starting point (scratch, official or project checkpoint), class list and embeddings.
 
-A model's classes are rows of its ``organ_embedding`` buffer (K, 512) plus ``class_names`` (catalog display names).
+A model's classes are rows of its ``organ_embedding`` buffer (K, 512) plus ``class_names`` (catalog display names),
+mapped to catalog classes by :func:`UniversalSegLib.catalog.model_class_indices`.
 Adding a class is adding a row: its CLIP embedding (from the config's ``embeddings`` file, or the CLIP text encoder for
 the catalog entry's prompt) next to the starting checkpoint's rows, which are kept unchanged.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from UniversalSegLib.catalog import ClassCatalog
+from UniversalSegLib.catalog import ClassCatalog, model_class_indices
 from UniversalSegLib.checkpoints import load_checkpoint
 from UniversalSegLib.errors import CheckpointError, ClassNameError, InputError
 from UniversalSegLib.networks.universal_model import HEAD_PARAM_SPLITS, TEXT_DIM, ModelConfig, UniversalModel
@@ -26,9 +28,16 @@ logger = logging.getLogger(__name__)
 
 #: The 32 class embeddings the official checkpoints were trained with (CLIP ViT-B/32 text features of the upstream
 #: prompts), (c) Johns Hopkins University, CC BY-NC-ND 4.0; see the NOTICE beside the file.
-UPSTREAM_EMBEDDINGS = Path(__import__("UniversalSegLib").__file__).resolve().parent / "data" / "models" / "clip_txt_encoding_32.pth"
+UPSTREAM_EMBEDDINGS = (
+    Path(__import__("UniversalSegLib").__file__).resolve().parent  # type: ignore[arg-type]  # a package: __file__ is set
+    / "data"
+    / "models"
+    / "clip_txt_encoding_32.pth"
+)
 UPSTREAM_EMBEDDINGS_LICENCE = "CC BY-NC-ND 4.0"
-UPSTREAM_EMBEDDINGS_COPYRIGHT = "Johns Hopkins University (CLIP-Driven Universal Model, github ljwztc/CLIP-Driven-Universal-Model)"
+UPSTREAM_EMBEDDINGS_COPYRIGHT = (
+    "Johns Hopkins University (CLIP-Driven Universal Model, github ljwztc/CLIP-Driven-Universal-Model)"
+)
 FREEZABLE = ("backbone", "precls_conv", "GAP", "controller", "text_to_vision")
 
 
@@ -117,10 +126,9 @@ def resolve_embeddings(
     table_file = load_embedding_file(file, catalog) if file else {}
     start_rows = {}
     if start is not None:
-        for row, name in enumerate(start.class_names):
-            info = catalog.find(name)
-            if info is not None:
-                start_rows[info.index] = start.organ_embedding[row].detach().float().cpu()
+        for row, index in enumerate(model_class_indices(start, catalog, strict=False)):
+            if index is not None:
+                start_rows[index] = start.organ_embedding[row].detach().float().cpu()
     upstream = _upstream_table(catalog)
     vectors: dict[int, torch.Tensor] = {}
     sources: dict[str, str] = {}
@@ -156,7 +164,9 @@ def init_head_bias(model: UniversalModel, prior: float, hidden: float = 0.1) -> 
         bias[start_b1 + b1 + b2] = math.log(prior / (1.0 - prior))
 
 
-def model_classes(config: TrainingConfig, catalog: ClassCatalog, train_cases: Sequence[CaseSpec], start_classes: Sequence[int] = ()) -> list[int]:
+def model_classes(
+    config: TrainingConfig, catalog: ClassCatalog, train_cases: Sequence[CaseSpec], start_classes: Sequence[int] = ()
+) -> list[int]:
     """The model's classes (catalog indices, sorted): ``model.classes`` if given, else the starting checkpoint's classes
     plus every class a training case annotates."""
     if config.model.classes:
@@ -173,13 +183,10 @@ def model_classes(config: TrainingConfig, catalog: ClassCatalog, train_cases: Se
 
 
 def _checkpoint_classes(model: UniversalModel, catalog: ClassCatalog) -> list[int]:
-    out = []
-    for name in model.class_names:
-        info = catalog.find(name)
-        if info is None:
-            raise InputError(f"the starting checkpoint has class '{name}', which the catalog does not know; give the catalog that has it ('catalog:' in the config)")
-        out.append(info.index)
-    return out
+    try:
+        return model_class_indices(model, catalog)
+    except ClassNameError as exc:
+        raise InputError(f"the starting checkpoint: {exc} ('catalog:' in the config)") from None
 
 
 def load_start(init: str, accept_licence: bool = False) -> UniversalModel:
@@ -218,13 +225,17 @@ def build_model(config: TrainingConfig, catalog: ClassCatalog, train_cases: Sequ
         state = {k: v for k, v in start.state_dict().items() if k != "organ_embedding"}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if set(missing) - {"organ_embedding"} or unexpected:
-            raise CheckpointError(f"cannot start from {init}: state dict does not match ({sorted(missing)[:3]} {sorted(unexpected)[:3]})")
+            raise CheckpointError(
+                f"cannot start from {init}: state dict does not match ({sorted(missing)[:3]} {sorted(unexpected)[:3]})"
+            )
     with torch.no_grad():
         model.organ_embedding.copy_(embeddings)
     model.class_names = [catalog[c].name for c in classes]
     unknown = [m for m in section.freeze if m not in FREEZABLE]
     if unknown:
-        raise InputError(f"config model.freeze: unknown module(s) {', '.join(unknown)}; choose from {', '.join(FREEZABLE)}")
+        raise InputError(
+            f"config model.freeze: unknown module(s) {', '.join(unknown)}; choose from {', '.join(FREEZABLE)}"
+        )
     for name, param in model.named_parameters():
         if name.split(".")[0] in section.freeze:
             param.requires_grad_(False)

@@ -7,12 +7,15 @@ indices for balanced cropping. These are the dictionary versions of the transfor
 :func:`UniversalSegLib.preprocessing.build_preprocessing`, with the same constants.
 
 Random part (:func:`augmentation_transforms`): ``num_samples`` crops centred on labelled / unlabelled body voxels
-(``RandCropByPosNegLabeld``) -> encoded labels to one channel per model class (:class:`ClassTargetsd`) -> flips that
-keep laterality right (:class:`RandFlipLateralityd`) -> small rotations -> zoom -> gamma contrast -> intensity scale/shift.
+(``RandCropByPosNegLabeld``, or with ``crop_centres: classes`` on a voxel of a class drawn uniformly among the case's
+labelled classes, :class:`RandCropByClassd`) -> encoded labels to one channel per model class (:class:`ClassTargetsd`)
+-> flips that keep laterality right (:class:`RandFlipLateralityd`) -> small rotations -> zoom -> per-organ intensity
+offsets (:class:`RandOrganIntensityd`) -> gamma contrast -> intensity scale/shift.
 
 Sample layout after augmentation: ``image`` (1, X, Y, Z) float32 in about [0, 1], RAS axes; ``label`` (K, X, Y, Z)
 uint8, one channel per model class; ``annotated`` (K,) bool, which of those channels this case annotates.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,13 +33,13 @@ from monai.transforms import (
     FgBgToIndicesd,
     MapTransform,
     Orientationd,
+    RandAdjustContrastd,
     RandCropByPosNegLabeld,
     Randomizable,
-    RandAdjustContrastd,
     RandRotated,
-    RandZoomd,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RandZoomd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
@@ -100,10 +103,125 @@ def preprocessing_transforms(
     if indices:
         # Foreground = any annotated structure; background = other body voxels (image > 0 after scaling).
         steps.append(FgBgToIndicesd(keys="label", image_key="image", image_threshold=0.0))
+        steps.append(ClassIndicesd())
     return Compose(steps)
 
 
-def class_targets(label: torch.Tensor, targets: Sequence, model_classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def class_mask(label: torch.Tensor, pairs: Sequence) -> torch.Tensor:
+    """Encoded labels (S, *spatial) + one class's [[channel, code], ...] -> (*spatial) bool mask of that class."""
+    mask = torch.zeros(label.shape[1:], dtype=torch.bool)
+    for ch, code in pairs:
+        mask |= torch.as_tensor(label[int(ch)]) == int(code)
+    return mask
+
+
+class ClassIndicesd(MapTransform):
+    """Cached: ``class_indices`` = {catalog index: flat voxel indices (int64 numpy) of that class} for every class the
+    case annotates and contains (so :class:`RandCropByClassd` need not scan the volume each step)."""
+
+    def __init__(self) -> None:
+        super().__init__(keys=["label"])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        label = torch.as_tensor(d["label"])
+        found = {}
+        for c, pairs in d["targets"]:
+            idx = np.flatnonzero(class_mask(label, pairs).numpy().ravel())
+            if idx.size:
+                found[int(c)] = idx
+        d["class_indices"] = found
+        return d
+
+
+class RandCropByClassd(Randomizable, MapTransform):
+    """``num_samples`` crops of ``spatial_size`` from ``image`` (1, X, Y, Z) and ``label`` (S, X, Y, Z).
+
+    With probability ``pos / (pos + neg)`` a crop is centred on a random voxel of one class drawn uniformly among the
+    model's classes the case contains (from ``class_indices``), else on a random unlabelled body voxel
+    (``label_bg_indices``). Uniform over classes, not voxels: a crop holds the adrenal glands as often as the liver,
+    where foreground-voxel sampling (``RandCropByPosNegLabeld``) lands on the largest organs almost always. Centres are
+    moved inwards so every crop lies inside the (padded) volume. Returns a list of sample dicts.
+    """
+
+    def __init__(
+        self, spatial_size: Sequence[int], pos: float, neg: float, num_samples: int, model_classes: Sequence[int]
+    ) -> None:
+        MapTransform.__init__(self, keys=["image", "label"])
+        self.size = [int(s) for s in spatial_size]
+        self.pos_ratio = float(pos) / float(pos + neg)
+        self.num_samples = int(num_samples)
+        self.model_classes = {int(c) for c in model_classes}
+
+    def randomize(self, data: Any = None) -> None:  # draws happen in __call__ (they depend on the case)
+        pass
+
+    def _centre(self, d: Mapping[Hashable, Any], shape: Sequence[int]) -> int:
+        classes = sorted(c for c in d.get("class_indices", {}) if c in self.model_classes)
+        background = d.get("label_bg_indices")
+        if classes and (self.R.random_sample() < self.pos_ratio or background is None or len(background) == 0):
+            pool = d["class_indices"][classes[self.R.randint(len(classes))]]
+        elif background is not None and len(background):
+            pool = np.asarray(background)
+        else:
+            return int(self.R.randint(int(np.prod(shape))))
+        return int(pool[self.R.randint(len(pool))])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict]:
+        d = dict(data)
+        image, label = d["image"], d["label"]
+        shape = list(image.shape[1:])
+        rest = {
+            k: v
+            for k, v in d.items()
+            if k not in ("image", "label", "class_indices", "label_fg_indices", "label_bg_indices")
+        }
+        out = []
+        for _ in range(self.num_samples):
+            centre = np.unravel_index(self._centre(d, shape), shape)
+            start = [int(min(max(c - s // 2, 0), max(n - s, 0))) for c, s, n in zip(centre, self.size, shape)]
+            window = tuple(slice(b, b + s) for b, s in zip(start, self.size))
+            sample = dict(rest)
+            sample["image"] = image[(slice(None),) + window]
+            sample["label"] = label[(slice(None),) + window]
+            out.append(sample)
+        return out
+
+
+class RandOrganIntensityd(Randomizable, MapTransform):
+    """Add one random offset, uniform in [-``offset``, ``offset``] (window-scaled units; 0.1 is about 43 HU with the
+    default window), to the voxels of each labelled class of ``image`` (1, ...) with probability ``prob`` per class.
+
+    Contrast agent moves organs by 100-200 HU (an arterial-phase kidney ~180 HU, a non-contrast one ~30 HU); with few
+    patients per phase, shifting each organ on its own (as SynthSeg's per-label intensities do, milder) teaches shape
+    and context rather than one phase's grey values. ``label`` (K, ...) uint8 per model class, after ClassTargetsd.
+    """
+
+    def __init__(self, prob: float, offset: float) -> None:
+        MapTransform.__init__(self, keys=["image"])
+        self.prob = float(prob)
+        self.offset = float(offset)
+
+    def randomize(self, data: Any = None) -> None:
+        pass
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        label = torch.as_tensor(d["label"])
+        image = torch.as_tensor(d["image"]).clone()
+        for k in range(label.shape[0]):
+            if self.R.random_sample() >= self.prob:
+                continue
+            mask = label[k] > 0
+            if bool(mask.any()):
+                image[0][mask] += float(self.R.uniform(-self.offset, self.offset))
+        d["image"] = image
+        return d
+
+
+def class_targets(
+    label: torch.Tensor, targets: Sequence, model_classes: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoded labels (S, *spatial) + the case's targets -> (K, *spatial) uint8 masks and (K,) bool annotated, K =
     ``len(model_classes)`` in that order. Classes the case annotates but the model lacks are dropped."""
     position = {c: i for i, c in enumerate(model_classes)}
@@ -114,8 +232,7 @@ def class_targets(label: torch.Tensor, targets: Sequence, model_classes: Sequenc
         if k is None:
             continue
         annotated[k] = True
-        for ch, code in pairs:
-            out[k] |= (label[int(ch)] == int(code)).to(torch.uint8)
+        out[k] = class_mask(label, pairs).to(torch.uint8)
     return out, annotated
 
 
@@ -172,8 +289,8 @@ class RandFlipLateralityd(Randomizable, MapTransform):
         label = torch.flip(torch.as_tensor(d["label"]), dims)
         if 0 in self._flips and self.pairs:
             order = list(range(label.shape[0]))
-            for r, l in self.pairs:
-                order[r], order[l] = l, r
+            for right, left in self.pairs:
+                order[right], order[left] = left, right
             label = label[order]
             if "annotated" in d:
                 d["annotated"] = torch.as_tensor(d["annotated"])[order]
@@ -196,8 +313,10 @@ def augmentation_transforms(config, model_classes: Sequence[int], catalog: Class
     aug = config.augmentation
     crop = tuple(int(s) for s in config.training.crop_size)
     rad = math.radians(aug.rotate_degrees)
-    steps: list = [
-        RandCropByPosNegLabeld(
+    if aug.crop_centres == "classes":
+        crop_step: Any = RandCropByClassd(crop, aug.pos, aug.neg, aug.num_samples, model_classes)
+    else:
+        crop_step = RandCropByPosNegLabeld(
             keys=["image", "label"],
             label_key="label",
             spatial_size=crop,
@@ -209,28 +328,45 @@ def augmentation_transforms(config, model_classes: Sequence[int], catalog: Class
             fg_indices_key="label_fg_indices",
             bg_indices_key="label_bg_indices",
             allow_smaller=False,
-        ),
-        ClassTargetsd(model_classes),
-    ]
+        )
+    steps: list = [crop_step, ClassTargetsd(model_classes)]
     if aug.flip_prob > 0 and aug.flip_axes:
         steps.append(RandFlipLateralityd(aug.flip_prob, aug.flip_axes, lateral_pairs(model_classes, catalog)))
     if aug.rotate_prob > 0 and rad > 0:
         steps += [
             CastToTyped(keys="label", dtype=torch.float32),
-            RandRotated(keys=["image", "label"], range_x=rad, range_y=rad, range_z=rad, prob=aug.rotate_prob,
-                        mode=("bilinear", "nearest"), padding_mode="zeros", keep_size=True),
+            RandRotated(
+                keys=["image", "label"],
+                range_x=rad,
+                range_y=rad,
+                range_z=rad,
+                prob=aug.rotate_prob,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+                keep_size=True,
+            ),
             CastToTyped(keys="label", dtype=torch.uint8),
         ]
     if aug.scale_prob > 0 and aug.scale_range > 0:
         steps += [
             CastToTyped(keys="label", dtype=torch.float32),
-            RandZoomd(keys=["image", "label"], prob=aug.scale_prob, min_zoom=1.0 - aug.scale_range,
-                      max_zoom=1.0 + aug.scale_range, mode=("trilinear", "nearest"), padding_mode="constant", keep_size=True),
+            RandZoomd(
+                keys=["image", "label"],
+                prob=aug.scale_prob,
+                min_zoom=1.0 - aug.scale_range,
+                max_zoom=1.0 + aug.scale_range,
+                mode=("trilinear", "nearest"),
+                padding_mode="constant",
+                keep_size=True,
+            ),
             CastToTyped(keys="label", dtype=torch.uint8),
         ]
+    if aug.organ_intensity_prob > 0 and aug.organ_intensity_offset > 0:
+        steps.append(RandOrganIntensityd(aug.organ_intensity_prob, aug.organ_intensity_offset))
     if aug.contrast_prob > 0:
-        steps.append(RandAdjustContrastd(keys="image", prob=aug.contrast_prob,
-                                         gamma=tuple(float(g) for g in aug.contrast_gamma)))
+        steps.append(
+            RandAdjustContrastd(keys="image", prob=aug.contrast_prob, gamma=tuple(float(g) for g in aug.contrast_gamma))
+        )
     if aug.intensity_scale_prob > 0 and aug.intensity_scale > 0:
         steps.append(RandScaleIntensityd(keys="image", factors=aug.intensity_scale, prob=aug.intensity_scale_prob))
     if aug.intensity_shift_prob > 0 and aug.intensity_shift > 0:

@@ -96,21 +96,33 @@ def _pins(text: str) -> dict[str, str]:
 
 #: Distributions each supported release bundles, by normalized name -> version (see the module docstring).
 SUPPORTED_RELEASES: tuple[SlicerRelease, ...] = (
-    SlicerRelease("5.10", (5, 10), "3.12.10", "13.0", _pins("""
+    SlicerRelease(
+        "5.10",
+        (5, 10),
+        "3.12.10",
+        "13.0",
+        _pins("""
         numpy==2.0.2 scipy==1.13.1 simpleitk==2.5.2 pydicom==2.4.4 pillow==11.2.1 six==1.17.0 retrying==1.3.4
         dicomweb-client==0.60.0 chardet==5.2.0 couchdb==1.2 gitdb==4.0.12 smmap==5.0.2 gitpython==3.1.44
         cryptography==45.0.3 pyjwt==2.10.1 wrapt==1.17.2 deprecated==1.2.18 pycparser==2.22 cffi==1.17.1
         pynacl==1.5.0 python-dateutil==2.9.0.post0 typing-extensions==4.14.0 pygithub==2.6.1 pip==25.1.1
         packaging==25.0 pyparsing==3.2.3 certifi==2025.4.26 idna==3.10 charset-normalizer==3.4.2 urllib3==2.4.0
-        requests==2.32.3 setuptools==80.9.0 wheel==0.45.1""")),
-    SlicerRelease("5.12", (5, 12), "3.12.10", "14.0", _pins("""
+        requests==2.32.3 setuptools==80.9.0 wheel==0.45.1"""),
+    ),
+    SlicerRelease(
+        "5.12",
+        (5, 12),
+        "3.12.10",
+        "14.0",
+        _pins("""
         numpy==2.4.6 scipy==1.17.1 simpleitk==2.5.5 pydicom==3.0.2 pillow==12.2.0 six==1.17.0 retrying==1.4.2
         dicomweb-client==0.61.0 dcmqi==0.4.0 highdicom==0.27.0 pyjpegls==1.5.1 typing-extensions==4.15.0
         chardet==7.4.3 couchdb==1.2 gitdb==4.0.12 smmap==5.0.3 gitpython==3.1.50 cryptography==48.0.0
         pyjwt==2.13.0 wrapt==2.2.1 deprecated==1.3.1 pycparser==3.0 cffi==2.0.0 pynacl==1.6.2
         python-dateutil==2.9.0.post0 pygithub==2.9.1 pip==26.1.1 packaging==26.2 pyparsing==3.3.2
         certifi==2026.5.20 idna==3.16 charset-normalizer==3.4.7 urllib3==2.7.0 requests==2.34.2 setuptools==82.0.1
-        wheel==0.47.0""")),
+        wheel==0.47.0"""),
+    ),
 )
 OLDEST_SUPPORTED: tuple[int, int] = SUPPORTED_RELEASES[0].version
 #: Python the engine's dependencies need (monai 1.6.1: Requires-Python >= 3.10).
@@ -138,10 +150,12 @@ def unsupported_slicer_message(version: tuple[int, int], python: tuple[int, int]
     supported one are accepted (their bundled packages are protected by name and installed version)."""
     supported = " and ".join(r.name for r in SUPPORTED_RELEASES)
     if tuple(version[:2]) < OLDEST_SUPPORTED or tuple(python[:2]) < MINIMUM_PYTHON:
-        return (f"UniversalSeg needs 3D Slicer {supported} (Python {SUPPORTED_RELEASES[-1].python}); this is Slicer "
-                f"{version[0]}.{version[1]} with Python {python[0]}.{python[1]}, which cannot install the engine's "
-                f"packages (monai 1.6.1 needs Python >= 3.10). Install Slicer {SUPPORTED_RELEASES[-1].name} from "
-                "download.slicer.org.")
+        return (
+            f"UniversalSeg needs 3D Slicer {supported} (Python {SUPPORTED_RELEASES[-1].python}); this is Slicer "
+            f"{version[0]}.{version[1]} with Python {python[0]}.{python[1]}, which cannot install the engine's "
+            f"packages (monai 1.6.1 needs Python >= 3.10). Install Slicer {SUPPORTED_RELEASES[-1].name} from "
+            "download.slicer.org."
+        )
     return None
 
 
@@ -200,17 +214,23 @@ class InstallPlan:
         """Human-readable lines: what will be installed or upgraded (for a confirmation dialog)."""
         lines = []
         if self.torch == "install":
-            lines.append(f"PyTorch (torch{TORCH_REQUIREMENT}, torchvision{TORCHVISION_REQUIREMENT}) through the "
-                         "PyTorch extension")
+            lines.append(
+                f"PyTorch (torch{TORCH_REQUIREMENT}, torchvision{TORCHVISION_REQUIREMENT}) through the "
+                "PyTorch extension"
+            )
         elif self.torch == "upgrade":
-            lines.append(f"PyTorch upgrade from {self.torch_found} to torch{TORCH_REQUIREMENT} through the PyTorch "
-                         "extension")
+            lines.append(
+                f"PyTorch upgrade from {self.torch_found} to torch{TORCH_REQUIREMENT} through the PyTorch extension"
+            )
         lines.extend(self.install)
         return lines
 
 
-def plan_installation(installed: Mapping[str, str | None], slicer_version: tuple[int, int] | None = None,
-                      requirements: Sequence[str] = SLICER_REQUIREMENTS) -> InstallPlan:
+def plan_installation(
+    installed: Mapping[str, str | None],
+    slicer_version: tuple[int, int] | None = None,
+    requirements: Sequence[str] = SLICER_REQUIREMENTS,
+) -> InstallPlan:
     """Decide what to install, given ``installed``: distribution name -> installed version (None or absent:
     not installed; names in any spelling). ``slicer_version`` (major, minor) selects the protected set."""
     versions = {normalize_name(k): v for k, v in installed.items() if v}
@@ -222,18 +242,23 @@ def plan_installation(installed: Mapping[str, str | None], slicer_version: tuple
         if found is not None and req.satisfied_by(found):
             continue
         if req.key in protected and found is not None:
-            plan.conflicts.append(f"{req.name} {found} is part of this Slicer, but UniversalSeg needs {req}; "
-                                  "it is not replaced (Slicer relies on it): use a supported Slicer release")
+            plan.conflicts.append(
+                f"{req.name} {found} is part of this Slicer, but UniversalSeg needs {req}; "
+                "it is not replaced (Slicer relies on it): use a supported Slicer release"
+            )
         elif req.key in protected:
-            plan.conflicts.append(f"{req.name} is missing from this Slicer's Python, but Slicer bundles it; "
-                                  "reinstall Slicer")
+            plan.conflicts.append(
+                f"{req.name} is missing from this Slicer's Python, but Slicer bundles it; reinstall Slicer"
+            )
         else:
             plan.install.append(str(req))
     torch, vision = versions.get("torch"), versions.get("torchvision")
     if torch is None or vision is None:
         plan.torch = "install"
-    elif not (Requirement("torch", TORCH_REQUIREMENT).satisfied_by(torch)
-              and Requirement("torchvision", TORCHVISION_REQUIREMENT).satisfied_by(vision)):
+    elif not (
+        Requirement("torch", TORCH_REQUIREMENT).satisfied_by(torch)
+        and Requirement("torchvision", TORCHVISION_REQUIREMENT).satisfied_by(vision)
+    ):
         plan.torch, plan.torch_found = "upgrade", torch
     plan.constraints = [f"{name}=={versions[name]}" for name in sorted(protected) if name in versions]
     return plan
@@ -256,8 +281,11 @@ def installed_versions(names: Sequence[str] | None = None) -> dict[str, str | No
 def write_constraints(plan: InstallPlan, path: str | Path) -> Path:
     """Write ``plan.constraints`` as a pip constraints file (``pip install -c path``)."""
     path = Path(path)
-    path.write_text("# Slicer's own packages, pinned by UniversalSeg while installing\n"
-                    + "".join(line + "\n" for line in plan.constraints), encoding="utf-8")
+    path.write_text(
+        "# Slicer's own packages, pinned by UniversalSeg while installing\n"
+        + "".join(line + "\n" for line in plan.constraints),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -265,8 +293,13 @@ class DependencyError(RuntimeError):
     """Installing failed or was refused; the message says what happened and what to do."""
 
 
-def install(plan: InstallPlan, pip_install: Callable[[list[str]], None], torch_logic=None,
-            constraints_dir: str | Path | None = None, log: Callable[[str], None] = logger.info) -> bool:
+def install(
+    plan: InstallPlan,
+    pip_install: Callable[[list[str]], None],
+    torch_logic=None,
+    constraints_dir: str | Path | None = None,
+    log: Callable[[str], None] = logger.info,
+) -> bool:
     """Carry out ``plan`` in the Slicer application; True when Slicer must restart to use what changed.
 
     ``pip_install``: ``slicer.util.pip_install`` (called with a list ``["-c", constraints, *requirements]``, the
@@ -286,21 +319,30 @@ def install(plan: InstallPlan, pip_install: Callable[[list[str]], None], torch_l
     restart = False
     if plan.torch:
         if torch_logic is None:
-            raise DependencyError("UniversalSeg needs the PyTorch extension: install 'PyTorch' from the Extensions "
-                                  "Manager, restart Slicer, and click Segment again")
+            raise DependencyError(
+                "UniversalSeg needs the PyTorch extension: install 'PyTorch' from the Extensions "
+                "Manager, restart Slicer, and click Segment again"
+            )
         restart = plan.torch == "upgrade" or "torch" in sys.modules  # a loaded torch cannot be swapped in-process
         log(("Upgrading" if plan.torch == "upgrade" else "Installing") + " PyTorch (this can take several minutes)...")
         others = InstallPlan(constraints=[c for c in plan.constraints if c.split("==")[0] not in TORCH_DISTRIBUTIONS])
         try:
             with pip_constraint_environment(write_constraints(others, folder / "slicer-constraints-torch.txt"), log):
-                torch = torch_logic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT,
-                                                 torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
+                torch = torch_logic.installTorch(
+                    askConfirmation=True,
+                    torchVersionRequirement=TORCH_REQUIREMENT,
+                    torchvisionVersionRequirement=TORCHVISION_REQUIREMENT,
+                )
         except Exception as exc:  # noqa: BLE001 - light-the-torch / pip fail in many ways
-            raise DependencyError(f"installing PyTorch failed ({exc}); install torch{TORCH_REQUIREMENT} in the "
-                                  "'PyTorch Utils' module, restart Slicer and try again") from None
+            raise DependencyError(
+                f"installing PyTorch failed ({exc}); install torch{TORCH_REQUIREMENT} in the "
+                "'PyTorch Utils' module, restart Slicer and try again"
+            ) from None
         if torch is None:
-            raise DependencyError(f"PyTorch was not installed; install torch{TORCH_REQUIREMENT} in the "
-                                  "'PyTorch Utils' module and click Segment again")
+            raise DependencyError(
+                f"PyTorch was not installed; install torch{TORCH_REQUIREMENT} in the "
+                "'PyTorch Utils' module and click Segment again"
+            )
         plan = replace_constraints(plan)  # pin the torch that is there now
     if plan.install:
         constraints = write_constraints(plan, folder / "slicer-constraints.txt")
@@ -308,8 +350,10 @@ def install(plan: InstallPlan, pip_install: Callable[[list[str]], None], torch_l
         try:
             pip_install(["-c", str(constraints), *plan.install])
         except Exception as exc:  # noqa: BLE001 - CalledProcessError and friends
-            raise DependencyError(f"pip could not install {', '.join(plan.install)} next to this Slicer's own "
-                                  f"packages ({exc}); see the Python console for pip's message") from None
+            raise DependencyError(
+                f"pip could not install {', '.join(plan.install)} next to this Slicer's own "
+                f"packages ({exc}); see the Python console for pip's message"
+            ) from None
         importlib.invalidate_caches()
         restart = restart or any(Requirement.parse(r).key.replace("-", "_") in sys.modules for r in plan.install)
     return restart
@@ -339,5 +383,8 @@ def replace_constraints(plan: InstallPlan) -> InstallPlan:
     now = installed_versions(list(TORCH_DISTRIBUTIONS))
     pins = dict(c.split("==") for c in plan.constraints)
     pins.update({k: v for k, v in now.items() if v})
-    return InstallPlan(install=list(plan.install), conflicts=list(plan.conflicts),
-                       constraints=[f"{k}=={v}" for k, v in sorted(pins.items())])
+    return InstallPlan(
+        install=list(plan.install),
+        conflicts=list(plan.conflicts),
+        constraints=[f"{k}=={v}" for k, v in sorted(pins.items())],
+    )

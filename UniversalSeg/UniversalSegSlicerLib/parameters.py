@@ -1,94 +1,95 @@
-"""What to segment and how: the options of the engine's command line ``universalseg segment``."""
+"""What to segment and how: the engine's :class:`~UniversalSegLib.request.SegmentationRequest`, plus what only the
+Slicer module needs (licence acceptance, overwriting edited segments)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from UniversalSegLib.catalog import ClassCatalog
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.registry import DEFAULT_MODEL
+from UniversalSegLib.request import SegmentationRequest
 
 DEVICES = ("auto", "cuda", "cpu")
 
+#: Setting fields of ``UniversalSegParameterNode`` (UniversalSeg.py) -> the request field each one sets. The node's
+#: ``quality`` combo is the fast preset. Testing/test_request.py checks this against the node and the request.
+PARAMETER_NODE_FIELDS: dict[str, str] = {
+    "classes": "classes",
+    "prompt": "prompt",
+    "model": "model",
+    "device": "device",
+    "overlap": "overlap",
+    "threshold": "threshold",
+    "postprocess": "postprocess",
+    "largestComponent": "keep_largest_component",
+    "lungSplit": "split_lungs",
+    "portalVeinFilter": "clear_portal_vein_below_pancreas",
+    "tumorFilter": "keep_tumors_inside_organs",
+}
+#: The parameter node's device choices -> the request's.
+NODE_DEVICES: dict[str, str] = {"auto": "auto", "gpu": "cuda", "cpu": "cpu"}
+#: Request fields the module's panel does not show (they keep their defaults; precision follows ``quality``).
+NOT_IN_GUI: frozenset[str] = frozenset(
+    {"backend", "precision", "class_thresholds", "window_batch", "filter_small_tumors", "separate_lungs", "fill_holes"}
+)
+
 
 @dataclass
-class SegmentationParameters:
-    """What to segment and how (the command line options of ``universalseg segment``).
+class SegmentationParameters(SegmentationRequest):
+    """A :class:`SegmentationRequest` (every engine setting, ``fast=True`` preset included) plus:
 
     Attributes:
-        classes: catalog classes by display name, file stem, synonym or 1-based index, or ``["all"]``.
-        prompt: free text ("IVC and both kidneys"); combines with ``classes``.
-        model: registry name or checkpoint file path.
-        device: "auto" (CUDA when present), "cuda" or "cpu".
-        fast: fewer windows (no overlap) - minutes instead of tens of minutes on a CPU.
-        overlap: sliding-window overlap in [0, 1); None uses the engine's default (0.5, or 0.0 with ``fast``).
-        threshold: probability threshold in (0, 1).
-        postprocess: the published anatomical post-processing; the four flags below switch single steps off.
         acceptLicence: accept the model's licence (remembered) - only after the user has read it.
         overwrite: replace segments the user edited or marked reviewed (normally they are kept).
+
+    ``classes``: catalog classes by display name, file stem, synonym or 1-based index, or ``["all"]``; none ticked
+    means none (a prompt then says what to segment). ``model`` defaults to the registry's default model.
     """
 
-    classes: list[str] = field(default_factory=list)
-    prompt: str = ""
-    model: str = DEFAULT_MODEL
-    device: str = "auto"
-    fast: bool = False
-    overlap: float | None = None
-    threshold: float = 0.5
-    postprocess: bool = True
-    largestComponent: bool = True
-    lungSplit: bool = True
-    portalVeinFilter: bool = True
-    tumorFilter: bool = True
-    acceptLicence: bool = False
-    overwrite: bool = False
+    model: str = field(default=DEFAULT_MODEL, metadata=SegmentationRequest.__dataclass_fields__["model"].metadata)
+    acceptLicence: bool = field(default=False, metadata={"slicer": True})
+    overwrite: bool = field(default=False, metadata={"slicer": True})
+
+    def __post_init__(self, fast: bool) -> None:
+        super().__post_init__(fast)
+        if not self.classes:
+            self.classes = None  # nothing ticked: the prompt alone (validate refuses neither)
+
+    @classmethod
+    def fromParameterNode(cls, node: Any) -> "SegmentationParameters":
+        """The parameters of the module's parameter node (or anything with its attributes)."""
+        values = {request: getattr(node, name) for name, request in PARAMETER_NODE_FIELDS.items()}
+        values["classes"] = [s for s in node.classes.split(",") if s]
+        values["device"] = NODE_DEVICES[node.device]
+        fast = node.quality == "fast"
+        if fast:
+            del values["overlap"]  # the preset's (the slider is disabled in fast mode)
+        return cls(**values, fast=fast, overwrite=node.overwrite)
 
     def validate(self, catalog: ClassCatalog | None = None) -> None:
         """Raise :class:`InputError` / ``ClassNameError`` (one line, what to do) for unusable values."""
-        catalog = catalog or ClassCatalog.default()
-        if not [c for c in self.classes if str(c).strip()] and not self.prompt.strip():
+        if not self.classes and not "".join(self.prompt).strip():
             raise InputError("nothing to segment: tick classes in the class picker or type a prompt")
-        if self.classes:
-            catalog.select([c if isinstance(c, int) else str(c) for c in self.classes])  # unknown names raise
-        if self.device not in DEVICES:
-            raise InputError(f"unknown device {self.device!r}; use one of {', '.join(DEVICES)}")
-        if not 0.0 < float(self.threshold) < 1.0:
-            raise InputError(f"threshold must be between 0 and 1 (exclusive), got {self.threshold}")
-        if self.overlap is not None and not 0.0 <= float(self.overlap) < 1.0:
-            raise InputError(f"overlap must be at least 0 and below 1, got {self.overlap}")
-        if not str(self.model).strip():
+        if not str(self.model or "").strip():
             raise InputError("no model chosen: pick a model or a checkpoint file")
+        super().validate(catalog)
 
-    def commandArguments(self, catalog: ClassCatalog | None = None) -> list[str]:
-        """Arguments of ``universalseg segment`` for these parameters (input and outputs excluded)."""
+    def to_cli_args(self, catalog: ClassCatalog | None = None) -> list[str]:
+        """Arguments of ``universalseg segment`` for these parameters (input and outputs excluded): the request's
+        flags, with the classes as catalog file stems, and ``--accept-licence``."""
         catalog = catalog or ClassCatalog.default()
-        args: list[str] = []
-        wanted = [c if isinstance(c, int) else str(c).strip() for c in self.classes]
-        wanted = [c for c in wanted if c != ""]
-        if any(isinstance(c, str) and c.lower() == "all" for c in wanted):
-            args += ["--classes", "all"]
-        elif wanted:
-            args += ["--classes", ",".join(info.file_stem for info in catalog.select(wanted))]
-        if self.prompt.strip():
-            args += ["--prompt", self.prompt.strip()]
-        args += ["--model", str(self.model).strip(), "--device", self.device]
-        if self.acceptLicence:
-            args.append("--accept-licence")
-        if self.fast:
-            args.append("--fast")
-        if self.overlap is not None:
-            args += ["--overlap", repr(float(self.overlap))]
-        args += ["--threshold", repr(float(self.threshold))]
-        if not self.postprocess:
-            args.append("--no-postprocess")
-        else:
-            for flag, on in (
-                ("--no-largest-component", self.largestComponent),
-                ("--no-lung-split", self.lungSplit),
-                ("--no-portal-vein-filter", self.portalVeinFilter),
-                ("--no-tumor-filter", self.tumorFilter),
-            ):
-                if not on:
-                    args.append(flag)
-        return args
+        classes = self.classes
+        if classes and not any(c.lower() == "all" for c in classes):
+            classes = tuple(info.file_stem for info in catalog.select(list(classes)))
+        elif classes:
+            classes = ("all",)
+        prompt = tuple(p.strip() for p in self.prompt if p.strip())
+        request = SegmentationRequest(**{**self.to_json(), "classes": classes, "prompt": prompt})
+        return request.to_cli_args() + (["--accept-licence"] if self.acceptLicence else [])
 
+    def to_json(self) -> dict[str, Any]:
+        """The request's fields only (no Slicer-side ones)."""
+        data = super().to_json()
+        return {k: v for k, v in data.items() if k not in ("acceptLicence", "overwrite")}

@@ -36,8 +36,10 @@ class EngineError(UniversalSegError):
 
 def _windowsKillCommand(pid: int) -> tuple[list[str], dict[str, Any]]:
     """``taskkill`` for a process tree, with the flags that keep a console window from flashing up."""
-    return (["taskkill", "/F", "/T", "/PID", str(pid)],
-            {"creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0), "capture_output": True, "check": False})
+    return (
+        ["taskkill", "/F", "/T", "/PID", str(pid)],
+        {"creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0), "capture_output": True, "check": False},
+    )
 
 
 class EngineProcess:
@@ -73,8 +75,16 @@ class EngineProcess:
             kwargs["start_new_session"] = True  # own session and process group: killpg reaches every child
         try:
             self.process = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                cwd=None if cwd is None else str(cwd), text=True, encoding="utf-8", errors="replace", bufsize=1,
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=None if cwd is None else str(cwd),
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
                 **kwargs,
             )
         except OSError as exc:
@@ -172,8 +182,19 @@ class SegmentationTask:
 
     RUNNING, IMPORTING, DONE, FAILED, CANCELLED = "running", "importing", "done", "failed", "cancelled"
 
-    def __init__(self, logic, inputVolume, outputSegmentation, parameters, workDir: Path, *, onProgress=None,
-                 onLog=None, onFinished=None, keepFiles: bool = False) -> None:
+    def __init__(
+        self,
+        logic,
+        inputVolume,
+        outputSegmentation,
+        parameters,
+        workDir: Path,
+        *,
+        onProgress=None,
+        onLog=None,
+        onFinished=None,
+        keepFiles: bool = False,
+    ) -> None:
         self.logic = logic
         self.inputVolume = inputVolume
         self.outputSegmentation = outputSegmentation
@@ -248,8 +269,13 @@ class SegmentationTask:
             if self.outputSegmentation is None:  # created only now: a failed or cancelled run leaves nothing
                 self.outputSegmentation = self.logic.newSegmentationNode(self.inputVolume)
             self._steps = self.logic.importSteps(
-                self.inputVolume, self.outputSegmentation, self.workDir / "summary.json",
-                self.workDir / "segmentation.seg.nrrd", overwrite=self.parameters.overwrite, task=self)
+                self.inputVolume,
+                self.outputSegmentation,
+                self.workDir / "summary.json",
+                self.workDir / "segmentation.seg.nrrd",
+                overwrite=self.parameters.overwrite,
+                task=self,
+            )
         return self._importSome()
 
     def _importSome(self) -> bool:
@@ -271,7 +297,9 @@ class SegmentationTask:
             self.importSeconds.append(time.perf_counter() - started)
             if fraction is None:  # waiting for the reader thread: give the event loop the rest of the slice
                 return False
-            self._setProgress(ENGINE_PROGRESS_SHARE + (1.0 - ENGINE_PROGRESS_SHARE) * fraction, "importing the segments")
+            self._setProgress(
+                ENGINE_PROGRESS_SHARE + (1.0 - ENGINE_PROGRESS_SHARE) * fraction, "importing the segments"
+            )
         return False
 
     def _finish(self, state: str, error: str | None) -> None:

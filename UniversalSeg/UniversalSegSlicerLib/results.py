@@ -46,8 +46,18 @@ class ClassMask:
         return self.crop is None
 
 
-_DTYPES = {"uint8": "u1", "uchar": "u1", "unsigned char": "u1", "uint16": "u2", "ushort": "u2",
-           "unsigned short": "u2", "int16": "i2", "short": "i2", "int32": "i4", "int": "i4"}
+_DTYPES = {
+    "uint8": "u1",
+    "uchar": "u1",
+    "unsigned char": "u1",
+    "uint16": "u2",
+    "ushort": "u2",
+    "unsigned short": "u2",
+    "int16": "i2",
+    "short": "i2",
+    "int32": "i4",
+    "int": "i4",
+}
 _VECTOR = re.compile(r"\(([^)]*)\)")
 
 
@@ -89,7 +99,7 @@ def _readVoxels(path: Path, offset: int, encoding: str, nbytes: int) -> np.ndarr
                 while chunk and filled < nbytes:
                     # Small pieces: allocating and copying a piece holds the GIL (64 MiB pieces: ~85 ms).
                     piece = inflater.decompress(chunk, min(1 << 22, nbytes - filled))
-                    out[filled:filled + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+                    out[filled : filled + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
                     filled += len(piece)
                     chunk = inflater.unconsumed_tail
                     if inflater.eof:
@@ -117,8 +127,13 @@ def _fileIjkToRas(fields: dict[str, str], layered: bool) -> np.ndarray:
     return matrix
 
 
-def readEngineSegmentation(path: str | Path, dims: tuple[int, int, int], ijkToRas: np.ndarray,
-                           catalog: ClassCatalog, wanted: set[int] | None = None) -> dict[int, ClassMask]:
+def readEngineSegmentation(
+    path: str | Path,
+    dims: tuple[int, int, int],
+    ijkToRas: np.ndarray,
+    catalog: ClassCatalog,
+    wanted: set[int] | None = None,
+) -> dict[int, ClassMask]:
     """The classes of the engine's ``.seg.nrrd`` as :class:`ClassMask` crops, by catalog index.
 
     Args:
@@ -139,17 +154,26 @@ def readEngineSegmentation(path: str | Path, dims: tuple[int, int, int], ijkToRa
         offset = [int(v) for v in pairs.get("Segmentation_ReferenceImageExtentOffset", "0 0 0").split()][:3]
     except ValueError:
         offset = [-1]
-    if (len(sizes) not in (3, 4) or len(offset) != 3 or min(offset) < 0
-            or any(o + n > d for o, n, d in zip(offset, sizes[-3:], dims))):
-        raise EngineError(f"the engine's segmentation has {tuple(sizes[-3:])} voxels but the input volume "
-                          f"{tuple(dims)}; the engine output does not belong to this volume")
+    if (
+        len(sizes) not in (3, 4)
+        or len(offset) != 3
+        or min(offset) < 0
+        or any(o + n > d for o, n, d in zip(offset, sizes[-3:], dims))
+    ):
+        raise EngineError(
+            f"the engine's segmentation has {tuple(sizes[-3:])} voxels but the input volume "
+            f"{tuple(dims)}; the engine output does not belong to this volume"
+        )
     matrix = _fileIjkToRas(fields, layered)
     expectedOrigin = ijkToRas @ np.array([*offset, 1.0])
     scale = max(1.0, float(np.abs(ijkToRas[:3, :3]).max()))
-    if (np.abs(matrix[:3, :3] - ijkToRas[:3, :3]).max() > 1e-4 * scale
-            or np.abs(matrix[:3, 3] - expectedOrigin[:3]).max() > 1e-3):
-        raise EngineError("the engine's segmentation is not on the input volume's voxel grid "
-                          "(spacing, axes or origin differ)")
+    if (
+        np.abs(matrix[:3, :3] - ijkToRas[:3, :3]).max() > 1e-4 * scale
+        or np.abs(matrix[:3, 3] - expectedOrigin[:3]).max() > 1e-3
+    ):
+        raise EngineError(
+            "the engine's segmentation is not on the input volume's voxel grid (spacing, axes or origin differ)"
+        )
     dtype = np.dtype(_DTYPES.get(fields.get("type", "uint8").lower(), "u1"))
     if dtype.itemsize > 1:
         dtype = dtype.newbyteorder("<" if fields.get("endian", "little") == "little" else ">")

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import slicer
 import vtk
 from vtk.util import numpy_support
-
-import slicer
 
 import UniversalSegLib
 from UniversalSegLib.catalog import ClassCatalog, ClassInfo
@@ -38,8 +37,17 @@ TAG_CREATED = TAG_PREFIX + "Created"  # ISO 8601 UTC time the AI mask was import
 TAG_SETTINGS = TAG_PREFIX + "Settings"  # compact JSON: threshold, overlap, fast, post-processing, device
 TAG_FINGERPRINT = TAG_PREFIX + "Fingerprint"  # maskFingerprint() of the mask as imported
 TAG_REVIEWED = TAG_PREFIX + "Reviewed"  # ISO time the user marked the AI mask as correct (issue: correction loop)
-PROVENANCE_TAGS = (TAG_CLASS_INDEX, TAG_CLASS_NAME, TAG_MODEL, TAG_MODEL_LICENCE, TAG_ENGINE_VERSION, TAG_CREATED,
-                   TAG_SETTINGS, TAG_FINGERPRINT, TAG_REVIEWED)
+PROVENANCE_TAGS = (
+    TAG_CLASS_INDEX,
+    TAG_CLASS_NAME,
+    TAG_MODEL,
+    TAG_MODEL_LICENCE,
+    TAG_ENGINE_VERSION,
+    TAG_CREATED,
+    TAG_SETTINGS,
+    TAG_FINGERPRINT,
+    TAG_REVIEWED,
+)
 
 #: Segment states (``UniversalSegLogic.segmentState``).
 STATE_AI = "ai"  # made by this module, unchanged since
@@ -175,8 +183,11 @@ def matrixArray(matrix) -> np.ndarray:
 
 
 def sameMatrix(a, b, tolerance: float = 1e-4) -> bool:
-    return all(abs(a.GetElement(r, c) - b.GetElement(r, c)) <= tolerance * max(1.0, abs(a.GetElement(r, c)))
-               for r in range(4) for c in range(4))
+    return all(
+        abs(a.GetElement(r, c) - b.GetElement(r, c)) <= tolerance * max(1.0, abs(a.GetElement(r, c)))
+        for r in range(4)
+        for c in range(4)
+    )
 
 
 def volumeArray(volumeNode) -> np.ndarray:
@@ -260,8 +271,9 @@ def maskFingerprint(crop: np.ndarray | None, start: Sequence[int], matrix) -> st
         return digest.hexdigest()
     values = matrix if isinstance(matrix, np.ndarray) else matrixArray(matrix)  # numpy: usable off the GUI thread
     geometry = [round(float(values[r, c]), 4) + 0.0 for r in range(3) for c in range(4)]
-    digest.update(json.dumps({"start": [int(s) for s in start], "shape": list(crop.shape),
-                              "ijkToWorld": geometry}).encode())
+    digest.update(
+        json.dumps({"start": [int(s) for s in start], "shape": list(crop.shape), "ijkToWorld": geometry}).encode()
+    )
     digest.update(np.packbits(crop, axis=None).tobytes())
     return digest.hexdigest()
 
@@ -377,8 +389,11 @@ class SegmentRecords:
         segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
         if segment is None or not segment.HasTag(TAG_CLASS_INDEX):
             return {}
-        return {tag.removeprefix(TAG_PREFIX): value for tag in PROVENANCE_TAGS
-                if (value := getTag(segment, tag)) is not None}
+        return {
+            tag.removeprefix(TAG_PREFIX): value
+            for tag in PROVENANCE_TAGS
+            if (value := getTag(segment, tag)) is not None
+        }
 
     def segmentState(self, segmentationNode, segmentId: str, verify: bool = True) -> str:
         """``"manual"`` (not made by this module), ``"edited"`` (mask changed since it was imported),
@@ -404,8 +419,10 @@ class SegmentRecords:
                 current = stored if last is None else last
         if stored != current:
             return STATE_EDITED
-        completed = (slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentStatus(segment)
-                     == slicer.vtkSlicerSegmentationsModuleLogic.Completed)
+        completed = (
+            slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentStatus(segment)
+            == slicer.vtkSlicerSegmentationsModuleLogic.Completed
+        )
         if segment.HasTag(TAG_REVIEWED) or completed:
             return STATE_REVIEWED
         return STATE_AI
@@ -413,8 +430,9 @@ class SegmentRecords:
     def segmentStates(self, segmentationNode, verify: bool = True) -> dict[str, str]:
         """Segment ID -> state, for every segment (see :meth:`segmentState` for ``verify``)."""
         segmentation = segmentationNode.GetSegmentation()
-        return {segmentId: self.segmentState(segmentationNode, segmentId, verify)
-                for segmentId in segmentIds(segmentation)}
+        return {
+            segmentId: self.segmentState(segmentationNode, segmentId, verify) for segmentId in segmentIds(segmentation)
+        }
 
     def markSegmentReviewed(self, segmentationNode, segmentId: str, reviewed: bool = True) -> None:
         """Mark an AI segment as checked and correct (or undo that); also sets Slicer's segment status
@@ -461,13 +479,20 @@ class SegmentRecords:
             segment = segmentation.GetSegment(segmentId)
             info = self.segmentClass(segmentationNode, segmentId)
             status = seglogic.GetSegmentStatus(segment)
-            stale = not verify and segment.HasTag(TAG_CLASS_INDEX) and \
-                self.editTracker.known(segmentationNode, segmentId) is None
+            stale = (
+                not verify
+                and segment.HasTag(TAG_CLASS_INDEX)
+                and self.editTracker.known(segmentationNode, segmentId) is None
+            )
             row = SegmentReview(
-                segmentId=segmentId, name=segment.GetName(), classIndex=info.index if info else None,
-                className=info.name if info else None, state=self.segmentState(segmentationNode, segmentId, verify),
+                segmentId=segmentId,
+                name=segment.GetName(),
+                classIndex=info.index if info else None,
+                className=info.name if info else None,
+                state=self.segmentState(segmentationNode, segmentId, verify),
                 reviewed=segment.HasTag(TAG_REVIEWED) or status == seglogic.Completed,
-                flagged=status == seglogic.Flagged, stale=stale,
+                flagged=status == seglogic.Flagged,
+                stale=stale,
             )
             if row.flagged:
                 row.reason = "flagged in the Segment Editor"
@@ -532,8 +557,13 @@ class SegmentRecords:
         """What the dataset entry records about one exported segment (JSON values)."""
         tags = self.segmentProvenance(segmentationNode, row.segmentId)
         out: dict[str, Any] = {"segment": row.name, "state": row.state}
-        for key, name in (("Model", "model"), ("ModelLicence", "model_licence"), ("EngineVersion", "engine_version"),
-                          ("Created", "created"), ("Reviewed", "reviewed")):
+        for key, name in (
+            ("Model", "model"),
+            ("ModelLicence", "model_licence"),
+            ("EngineVersion", "engine_version"),
+            ("Created", "created"),
+            ("Reviewed", "reviewed"),
+        ):
             if key in tags:
                 out[name] = tags[key]
         if "Settings" in tags:
@@ -542,7 +572,6 @@ class SegmentRecords:
             except ValueError:
                 out["settings"] = tags["Settings"]
         return out
-
 
     # -- arrays ----------------------------------------------------------------------------------------------
     def segmentArray(self, segmentationNode, segmentId: str, referenceVolume) -> np.ndarray:
@@ -568,5 +597,5 @@ class SegmentRecords:
         zs = slice(max(k0, 0), min(k0 + mask.shape[0], out.shape[0]))
         ys = slice(max(j0, 0), min(j0 + mask.shape[1], out.shape[1]))
         xs = slice(max(i0, 0), min(i0 + mask.shape[2], out.shape[2]))
-        out[zs, ys, xs] = mask[zs.start - k0:zs.stop - k0, ys.start - j0:ys.stop - j0, xs.start - i0:xs.stop - i0]
+        out[zs, ys, xs] = mask[zs.start - k0 : zs.stop - k0, ys.start - j0 : ys.stop - j0, xs.start - i0 : xs.stop - i0]
         return out

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 TERMINOLOGY_CONTEXT = "Segmentation category and type - UniversalSeg"
-TERMINOLOGY_FILE = Path(__file__).resolve().parents[1] / "Resources" / "SegmentationCategoryTypeModifier-UniversalSeg.term.json"
+TERMINOLOGY_FILE = (
+    Path(__file__).resolve().parents[1] / "Resources" / "SegmentationCategoryTypeModifier-UniversalSeg.term.json"
+)
 _SCHEMA = "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/segment-context-schema.json#"
 
 
@@ -39,20 +41,34 @@ def build_terminology(catalog=None) -> dict[str, Any]:
         catalog = ClassCatalog.default()
     categories: dict[tuple[str, str], dict[str, Any]] = {}
     for info in catalog:
-        category = categories.setdefault((info.category.scheme, info.category.code), {
-            **_code(info.category), "showAnatomy": False, "Type": []})
+        category = categories.setdefault(
+            (info.category.scheme, info.category.code), {**_code(info.category), "showAnatomy": False, "Type": []}
+        )
         category["showAnatomy"] = category["showAnatomy"] or info.anatomic_region is not None
-        entry = next((t for t in category["Type"]
-                      if (t["CodingSchemeDesignator"], t["CodeValue"]) == (info.type.scheme, info.type.code)), None)
+        entry = next(
+            (
+                t
+                for t in category["Type"]
+                if (t["CodingSchemeDesignator"], t["CodeValue"]) == (info.type.scheme, info.type.code)
+            ),
+            None,
+        )
         if entry is None:
             entry = {**_code(info.type), "recommendedDisplayRGBValue": list(info.color), "3dSlicerLabel": info.name}
             category["Type"].append(entry)
         if info.type_modifier is not None:
-            entry.setdefault("Modifier", []).append({**_code(info.type_modifier),
-                                                     "recommendedDisplayRGBValue": list(info.color),
-                                                     "3dSlicerLabel": info.name})
-    return {"SegmentationCategoryTypeContextName": TERMINOLOGY_CONTEXT, "@schema": _SCHEMA,
-            "SegmentationCodes": {"Category": list(categories.values())}}
+            entry.setdefault("Modifier", []).append(
+                {
+                    **_code(info.type_modifier),
+                    "recommendedDisplayRGBValue": list(info.color),
+                    "3dSlicerLabel": info.name,
+                }
+            )
+    return {
+        "SegmentationCategoryTypeContextName": TERMINOLOGY_CONTEXT,
+        "@schema": _SCHEMA,
+        "SegmentationCodes": {"Category": list(categories.values())},
+    }
 
 
 def terminology_text(catalog=None) -> str:

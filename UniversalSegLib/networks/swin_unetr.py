@@ -3,6 +3,7 @@
 The released weights were trained with a patch-merging layer that concatenates the eight 2x2x2 sub-grids in a
 particular (duplicating) order; MONAI's current ``PatchMerging`` differs, so we supply that layer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,14 @@ from monai.networks.nets.swin_unetr import PatchMergingV2, SwinUNETR
 # (d, h, w) offsets of the sub-grids, in the order the released weights expect. Two appear twice and
 # (1, 1, 0), (0, 1, 1) never: that is how the checkpoints were trained.
 RELEASED_MERGE_OFFSETS: tuple[tuple[int, int, int], ...] = (
-    (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1),
+    (0, 0, 0),
+    (1, 0, 0),
+    (0, 1, 0),
+    (0, 0, 1),
+    (1, 0, 1),
+    (0, 1, 0),
+    (0, 0, 1),
+    (1, 1, 1),
 )
 
 
@@ -52,14 +60,14 @@ class SwinUNETRBackbone(SwinUNETR):
             normalize=True,
             use_checkpoint=False,
             spatial_dims=3,
-            downsample=ReleasedPatchMerging,
+            downsample=ReleasedPatchMerging,  # type: ignore[arg-type]  # MONAI takes a PatchMerging class too
             use_v2=False,
         )
         del self.out  # the Universal Model's class heads replace the output block
         self.bottleneck_channels = 16 * feature_size
         self.decoder_channels = feature_size
 
-    def forward(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input_size(x_in.shape[2:])
         hidden = self.swinViT(x_in, self.normalize)
         enc0 = self.encoder1(x_in)

@@ -2,6 +2,7 @@
 
 Parameter names follow the released checkpoints (``down_tr64.ops.0.conv1.weight`` ...), so they load strictly.
 """
+
 from __future__ import annotations
 
 import torch

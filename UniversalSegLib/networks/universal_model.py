@@ -5,6 +5,7 @@ the 153 parameters of a tiny per-class head (1x1x1 convolutions 8 -> 8 -> 8 -> 1
 the decoder's per-voxel features. Classes are independent (sigmoid, one-vs-all), so any subset, and any new
 embedding, can be computed on its own.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -22,7 +23,14 @@ HEAD_CHANNELS = 8
 TEXT_DIM = 512
 FEATURE_DIM = 256
 # Controller output per class, laid out as [w1 (8x8), w2 (8x8), w3 (1x8), b1 (8), b2 (8), b3 (1)], weights (out, in).
-HEAD_PARAM_SPLITS = (HEAD_CHANNELS * HEAD_CHANNELS, HEAD_CHANNELS * HEAD_CHANNELS, HEAD_CHANNELS, HEAD_CHANNELS, HEAD_CHANNELS, 1)
+HEAD_PARAM_SPLITS = (
+    HEAD_CHANNELS * HEAD_CHANNELS,
+    HEAD_CHANNELS * HEAD_CHANNELS,
+    HEAD_CHANNELS,
+    HEAD_CHANNELS,
+    HEAD_CHANNELS,
+    1,
+)
 NUM_HEAD_PARAMS = sum(HEAD_PARAM_SPLITS)  # 153
 
 ARCHITECTURES = ("unet", "swinunetr")
@@ -60,7 +68,8 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(gcd(16, channels), channels)
 
 
-def build_backbone(config: ModelConfig) -> nn.Module:
+def build_backbone(config: ModelConfig) -> UNet3DBackbone | SwinUNETRBackbone:
+    assert config.width is not None  # filled in by ModelConfig.__post_init__
     if config.architecture == "unet":
         return UNet3DBackbone(config.in_channels, base_channels=config.width)
     return SwinUNETRBackbone(config.in_channels, feature_size=config.width)
@@ -77,14 +86,21 @@ class UniversalModel(nn.Module):
     order of ``class_names``.
     """
 
+    organ_embedding: torch.Tensor  # a buffer (register_buffer below)
+
     def __init__(self, config: ModelConfig, num_classes: int = 32) -> None:
         super().__init__()
         self.config = config
         self.backbone = build_backbone(config)
         bottleneck, decoded = self.backbone.bottleneck_channels, self.backbone.decoder_channels
-        self.precls_conv = nn.Sequential(_group_norm(decoded), nn.ReLU(), nn.Conv3d(decoded, HEAD_CHANNELS, kernel_size=1))
+        self.precls_conv = nn.Sequential(
+            _group_norm(decoded), nn.ReLU(), nn.Conv3d(decoded, HEAD_CHANNELS, kernel_size=1)
+        )
         self.GAP = nn.Sequential(
-            _group_norm(bottleneck), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Conv3d(bottleneck, FEATURE_DIM, kernel_size=1)
+            _group_norm(bottleneck),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool3d(1),
+            nn.Conv3d(bottleneck, FEATURE_DIM, kernel_size=1),
         )
         self.controller = nn.Conv3d(2 * FEATURE_DIM, NUM_HEAD_PARAMS, kernel_size=1)
         self.text_to_vision = nn.Linear(TEXT_DIM, FEATURE_DIM)
@@ -98,8 +114,11 @@ class UniversalModel(nn.Module):
         return self.organ_embedding
 
     def embeddings_for(self, indices: Sequence[int]) -> torch.Tensor:
-        """Embeddings of the checkpoint's classes at the given 1-based catalog indices: (K, 512)."""
-        return self.organ_embedding[[i - 1 for i in indices]]
+        """Embeddings of the checkpoint's classes at the given 1-based catalog indices: (K, 512), found by the model's
+        class names (:func:`~UniversalSegLib.catalog.rows_for`: a model trained for a subset has other rows)."""
+        from UniversalSegLib.catalog import rows_for
+
+        return self.organ_embedding[rows_for(self, indices)]
 
     def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone pass shared by all classes: image (B, 1, D, H, W) -> (global feature (B, 256), head input (B, 8, D, H, W))."""
@@ -125,7 +144,7 @@ class UniversalModel(nn.Module):
         """One class's dynamic head: flattened head input (B, 8, N) and that class's params (B, 153) -> (hidden 1
         (B, 8, N), hidden 2 (B, 8, N), logits (B, 1, N))."""
         b, c = x.shape[:2]
-        w1, w2, w3, b1, b2, b3 = torch.split(params, HEAD_PARAM_SPLITS, dim=1)
+        w1, w2, w3, b1, b2, b3 = torch.split(params, HEAD_PARAM_SPLITS, dim=1)  # type: ignore[arg-type]  # a tuple works
         h1 = F.relu(torch.baddbmm(b1[:, :, None], w1.reshape(b, c, c), x))
         h2 = F.relu(torch.baddbmm(b2[:, :, None], w2.reshape(b, c, c), h1))
         return h1, h2, torch.baddbmm(b3[:, :, None], w3.reshape(b, 1, c), h2)
