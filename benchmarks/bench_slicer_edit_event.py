@@ -11,7 +11,6 @@ Goal: their sum < 20 ms. ``refresh_button_s`` is the on-demand comparison with t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import slicer  # noqa: E402
-from bench_slicer_synthetic import addVolume, syntheticResult
+from bench_slicer_synthetic import addVolume, printReport, syntheticResult
 
 import UniversalSeg as US  # noqa: E402  (sys.path set up by bench_slicer_synthetic)
 from UniversalSegLib.imageio import write_seg_nrrd, write_summary  # noqa: E402
@@ -101,10 +100,7 @@ def main() -> int:
         "meets_goal": max(perStroke) < 0.02,
         "load": list(os.getloadavg()),
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    printReport(out, args.out)
     return 0
 
 

@@ -14,7 +14,6 @@ thread). Needs the PyPI package ``slicer-core``. Usage: ``python benchmarks/benc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 import slicer  # noqa: E402
-from bench_slicer_synthetic import addVolume, syntheticResult
+from bench_slicer_synthetic import addVolume, printReport, syntheticResult
 
 import UniversalSeg as US  # noqa: E402  (sys.path set up by bench_slicer_synthetic)
 from UniversalSegLib.imageio import write_seg_nrrd, write_summary  # noqa: E402
@@ -103,10 +102,7 @@ def main() -> int:
             "meets_goal": sum(blocking) < 1.0 and max(blocking + overshoot) < 0.1,
             "load": list(os.getloadavg()),
         }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    printReport(out, args.out)
     return 0
 
 

@@ -78,3 +78,13 @@ def addVolume(scene, name: str = "CT"):
     volume.SetOrigin(0.0, 0.0, 0.0)
     volume.SetIJKToRASDirections(-1, 0, 0, 0, -1, 0, 0, 0, 1)  # LPS identity direction, as the engine writes it
     return volume
+
+
+def printReport(report: dict, path: str | None) -> None:
+    """Print the benchmark's JSON report and, when ``path`` is given, also write it there."""
+    import json
+
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n", encoding="utf-8")
