@@ -19,6 +19,7 @@ from UniversalSegLib.checkpoints import save_checkpoint
 from UniversalSegLib.cli import main
 from UniversalSegLib.imageio import read_seg_nrrd
 from UniversalSegLib.networks import ModelConfig, UniversalModel
+from UniversalSegLib.progress import STAGES
 
 CATALOG = ClassCatalog.default()
 
@@ -245,7 +246,7 @@ def test_json_progress_lines(tiny_model_path, slab, tmp_path):
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     fractions = [line["progress"] for line in lines if "progress" in line]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert any(line["stage"].startswith("window") for line in lines if "stage" in line)
+    assert any(line["stage"].startswith("windows ") for line in lines if "stage" in line)
     assert lines[-1]["done"] is True
 
 
@@ -390,12 +391,19 @@ def test_library_segment_with_prompt_progress_and_cancel(tiny_model_path, slab):
         model=str(tiny_model_path),
         fast=True,
         device="cpu",
-        progress=lambda f, stage: seen.append((f, stage)),
+        progress=seen.append,
     )
     assert sorted(result.masks) == [2, 3, 9]
     assert [item["method"] for item in result.prompt_report] == ["synonym", "group"]
-    assert [f for f, _ in seen] == sorted(f for f, _ in seen) and seen[-1][0] == 1.0
-    assert {stage.split()[0] for _, stage in seen} >= {"read", "preprocess", "window", "postprocess", "resample"}
+    fractions = [m.fraction for m in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and seen[-1].text == "done"
+    order: list[str] = []
+    for m in seen:
+        if not order or order[-1] != m.stage:
+            order.append(m.stage)
+    assert order == list(STAGES)  # each stage once, in order
+    windows = [m for m in seen if m.stage == "windows"]
+    assert [m.done for m in windows] == list(range(windows[0].total + 1))
     calls = []
     with pytest.raises(Cancelled):
         segment(

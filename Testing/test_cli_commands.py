@@ -223,6 +223,33 @@ def test_redo_segments_existing_outputs_again(tiny_model_path, crop, tmp_path, c
     np.testing.assert_array_equal(_mask(written), expected)  # segmented again, the same result
 
 
+def test_out_of_memory_is_one_line_per_scan_and_leaves_no_output(tiny_model_path, crop, tmp_path, capsys, monkeypatch):
+    """Running out of memory outside the network too (here: while writing, as PyTorch's CPU allocator says it) is the
+    engine's one line: the single-scan run exits 2, a batch goes on with the next scan; no partial output."""
+    from UniversalSegLib import imageio
+
+    real_write = imageio.write_outputs
+
+    def write_or_fail(result, output, **kwargs):
+        if Path(output).name.startswith("a."):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        return real_write(result, output, **kwargs)
+
+    monkeypatch.setattr(imageio, "write_outputs", write_or_fail)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("a.nii.gz", "b.nii.gz"):
+        (folder / name).write_bytes(crop.read_bytes())
+    common = ["--model", str(tiny_model_path), "--classes", "spleen", "--device", "cpu", "--progress", "none"]
+    code, _, err = _run(["segment", str(folder / "a.nii.gz"), "-o", str(tmp_path / "a.nii.gz"), *common], capsys)
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(lines) == 1 and "not enough memory" in lines[0], err
+    assert not (tmp_path / "a.nii.gz").exists()
+    code, _, err = _run(["segment", str(folder), "-o", str(tmp_path / "out"), *common], capsys)
+    assert code != 0 and "a.nii.gz: not enough memory" in err, err
+    assert not (tmp_path / "out" / "a.nii.gz").exists() and (tmp_path / "out" / "b.nii.gz").is_file()
+
+
 # -------------------------------------------------------------------------------------- experimental prompts
 @pytest.fixture
 def clip_weights(tmp_path, monkeypatch) -> Path:

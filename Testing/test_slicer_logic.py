@@ -577,7 +577,7 @@ def test_end_to_end_with_the_real_command_line(headless, ct_crop, tiny_model):
         assert report.added == ["Liver", "Aorta", "Postcava"]
         fractions = [f for f, _ in progress]
         assert fractions == sorted(fractions) and fractions[-1] == 1.0
-        assert any(stage.startswith("window") for _, stage in progress)
+        assert any(stage.startswith("windows ") for _, stage in progress)
         assert any("'IVC' -> Postcava" in line for line in log)  # the engine's prompt report reaches the log
         segmentation = node.GetSegmentation()
         engine = {s["id"]: s for s in read_seg_nrrd(task.workDir / "segmentation.seg.nrrd")["segments"]}

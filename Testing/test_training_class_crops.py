@@ -1,4 +1,5 @@
-"""Class-balanced crop centres and per-organ intensity offsets (training/transforms.py), on synthetic volumes.
+"""Class-balanced crop centres, per-organ intensity offsets and contrast phases (training/transforms.py), on synthetic
+volumes.
 
 The volume has one large class (the "liver", 1 in the encoded label) and one small class (the "adrenal", 2) far
 apart; voxel-based foreground sampling almost never centres a crop on the small class, class-balanced sampling does
@@ -22,6 +23,8 @@ from training.transforms import (  # noqa: E402
     ClassTargetsd,
     RandCropByClassd,
     RandOrganIntensityd,
+    RandOrganPhased,
+    augmentation_transforms,
     class_targets,
 )
 from UniversalSegLib.errors import InputError  # noqa: E402
@@ -133,6 +136,50 @@ def test_organ_intensity_probability_zero_changes_nothing():
     assert torch.equal(out, sample["image"])
 
 
+def _textured_case() -> dict:
+    """_case() with a bright, textured "liver" (an arterial-phase organ: 0.8 +- 0.1) on a 0.5 background."""
+    sample = ClassTargetsd([LIVER, ADRENAL])(_case())
+    texture = torch.linspace(-0.1, 0.1, SHAPE[0]).view(-1, 1, 1).expand(SHAPE)
+    sample["image"] = torch.where(sample["label"][0:1] > 0, 0.8 + texture, sample["image"])
+    return sample
+
+
+def test_organ_phase_moves_the_median_into_range_and_shrinks_the_texture():
+    sample = _textured_case()
+    phase = RandOrganPhased(prob=1.0, channels=[0], target_range=(0.4, 0.45), spread_range=(0.3, 0.5))
+    before = sample["image"][0][sample["label"][0] > 0]
+    for seed in range(5):
+        phase.set_random_state(seed=seed)
+        out = phase(sample)["image"][0]
+        liver = out[sample["label"][0] > 0]
+        assert 0.4 <= float(liver.median()) <= 0.45 + 1e-6
+        ratio = float(liver.std() / before.std())
+        assert 0.3 - 1e-4 <= ratio <= 0.5 + 1e-4
+        assert torch.all(out[sample["label"][0] == 0] == 0.5)  # everything else, the adrenal included, unchanged
+    assert torch.equal(sample["image"][0][sample["label"][0] > 0], before)  # the input is not modified in place
+
+
+def test_organ_phase_leaves_unlisted_organs_and_clips_to_the_window():
+    sample = _textured_case()
+    out = RandOrganPhased(prob=1.0, channels=[1], target_range=(0.99, 1.0), spread_range=(1.0, 1.0))(sample)
+    assert torch.equal(out["image"][0][sample["label"][0] > 0], sample["image"][0][sample["label"][0] > 0])
+    assert float(out["image"].max()) <= 1.0
+
+
+def test_organ_phase_reaches_training_through_the_config():
+    config = load_config(CONFIG, overrides=["augmentation.organ_phase_prob=1", "augmentation.organ_phase_hu=[0,1]"])
+    from UniversalSegLib.catalog import ClassCatalog
+
+    catalog = ClassCatalog.default()
+    right_adrenal = catalog.lookup("Right Adrenal Gland").index
+    chain = augmentation_transforms(config, [LIVER, catalog.lookup("Duodenum").index, right_adrenal], catalog)
+    phase = [t for t in chain.transforms if isinstance(t, RandOrganPhased)]
+    assert len(phase) == 1
+    assert phase[0].channels == [0, 2]  # liver and adrenal enhance, the duodenum (bowel contents) is not listed
+    low, high = config.hu_window
+    assert phase[0].target_range == pytest.approx(((0 - low) / (high - low), (1 - low) / (high - low)))
+
+
 def test_class_targets_unchanged_by_the_shared_mask_helper():
     label = torch.tensor([[[[1, 2, 0, 3]]], [[[0, 5, 5, 0]]]], dtype=torch.uint8)
     out, annotated = class_targets(label, [[LIVER, [[0, 1], [0, 3]]], [ADRENAL, [[1, 5]]]], [ADRENAL, 1, LIVER])
@@ -145,6 +192,9 @@ def test_class_targets_unchanged_by_the_shared_mask_helper():
     [
         ("augmentation.crop_centres", "organs", "crop_centres"),
         ("augmentation.organ_intensity_prob", "1.5", "organ_intensity_prob"),
+        ("augmentation.organ_phase_prob", "-0.1", "organ_phase_prob"),
+        ("augmentation.organ_phase_hu", "[100,20]", "organ_phase_hu .* breaks low < high"),
+        ("augmentation.organ_phase_spread", "[0.5]", "organ_phase_spread must be \\[low, high\\]"),
     ],
 )
 def test_config_rejects_bad_values(key, value, message):

@@ -2,6 +2,7 @@
 
 Colours are the class catalog's. Run from the repository root: ``python UniversalSegExtension/make_icons.py``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +14,10 @@ from UniversalSegLib.catalog import ClassCatalog
 SIZE = 128
 SCALE = 4  # draw large, then downsample for smooth edges
 REPO = Path(__file__).resolve().parents[1]
-OUTPUTS = (REPO / "UniversalSegExtension" / "UniversalSeg.png", REPO / "UniversalSeg" / "Resources" / "Icons" / "UniversalSeg.png")
+OUTPUTS = (
+    REPO / "UniversalSegExtension" / "UniversalSeg.png",
+    REPO / "UniversalSeg" / "Resources" / "Icons" / "UniversalSeg.png",
+)
 
 
 def _box(cx: float, cy: float, rx: float, ry: float) -> tuple[int, int, int, int]:

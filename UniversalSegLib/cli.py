@@ -10,14 +10,15 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from . import __version__
 from .errors import InputError, UniversalSegError, printable
+from .formats import IMAGE_SUFFIXES, OUTPUT_FORMATS, image_stem
+from .progress import Progress
 from .request import SegmentationRequest
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-OUTPUT_SUFFIXES = {"nii": ".nii.gz", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "dicom-seg": ".dcm"}
+OUTPUT_SUFFIXES = {fmt: suffixes[0] for fmt, suffixes in OUTPUT_FORMATS.items()}  # the default suffix of each
 EXIT_USER_ERROR = 2
 EXIT_BATCH_FAILURES = 1
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM exits 128 + 15 = 143
@@ -134,12 +135,13 @@ class _Progress:
                 bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
             )
 
-    def __call__(self, fraction: float, stage: str) -> None:
+    def __call__(self, message: Progress) -> None:
         if self.mode == "json":
-            print(json.dumps({"progress": round(fraction, 4), "stage": stage, "input": self.label}), flush=True)
+            line = {"progress": round(message.fraction, 4), "stage": message.text, "input": self.label}
+            print(json.dumps(line), flush=True)
         elif self.bar is not None:
-            self.bar.set_description_str(f"{self.label} {stage}".strip())
-            self.bar.n = int(fraction * 1000)
+            self.bar.set_description_str(f"{self.label} {message.text}".strip())
+            self.bar.n = int(message.fraction * 1000)
             self.bar.refresh()
 
     def close(self) -> None:
@@ -160,15 +162,11 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def _is_scan_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES)
+    return path.is_file() and image_stem(path.name) is not None
 
 
 def _case_name(path: Path) -> str:
-    name = path.name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return image_stem(path.name) or path.name
 
 
 def find_scans(folder: Path) -> list[Path]:
@@ -193,9 +191,9 @@ def _is_batch_input(path: Path) -> bool:
     files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
     if any(_is_scan_file(p) for p in files):
         return True
-    from .imageio import _is_dicom_file  # a folder with DICOM files directly inside is one series
+    from .imageio import is_dicom_file  # a folder with DICOM files directly inside is one series
 
-    return not any(_is_dicom_file(p) for p in files)
+    return not any(is_dicom_file(p) for p in files)
 
 
 def _output_paths(args, scan: Path | None, batch: bool):
@@ -212,6 +210,7 @@ def _output_paths(args, scan: Path | None, batch: bool):
             fmt,
         )
     fmt = args.format or "nii"
+    assert scan is not None  # batch mode names each output after its scan
     name = _case_name(scan)
     folder = Path(args.output)
     split = Path(args.split_masks) / name if args.split_masks else None
@@ -259,12 +258,75 @@ def _requested_classes(names: Sequence[str] | None, catalog) -> tuple[list[int],
 
 
 # ----------------------------------------------------------------------------------------------------- commands
+def _batch_scans(args, source: Path) -> list[Path]:
+    """The scans of a batch folder (this shard's share with ``--shard``), after the batch-only option checks."""
+    if args.format == "dicom-seg":
+        raise InputError("--format dicom-seg needs a DICOM series input; in batch mode use nii, nrrd or seg.nrrd")
+    if args.summary:
+        raise InputError(
+            "--summary applies to a single scan; in batch mode each scan's summary is written "
+            "beside its output (<name>.summary.json)"
+        )
+    scans = find_scans(source)
+    if not scans:
+        raise InputError(
+            f"no scans found in {printable(source)} (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM sub-folders)"
+        )
+    shard = _parse_shard(args.shard)
+    return [s for n, s in enumerate(scans) if n % shard[1] == shard[0]] if shard else scans
+
+
+def _read_single_scan(args, source: Path, output: Path, fmt: str, notes: list[str], read_options: dict, classes: int):
+    """Read and check the one scan (and the room for an uncompressed output) before the model loads."""
+    from .imageio import check_ct_intensities, nifti_file_bytes, read_image
+    from .output_safety import check_free_space
+
+    image = read_image(source, notes=notes, **read_options)
+    check_ct_intensities(image, force=args.force, name=printable(source))
+    if fmt == "nii" and output.name.lower().endswith(".nii"):  # uncompressed: the size is known now
+        label_bytes = 1 if classes < 256 else 2  # the label map's voxel type (see write_label_map)
+        check_free_space(
+            output.parent, nifti_file_bytes(image.GetSize(), label_bytes), f"the output '{printable(output.name)}'"
+        )
+    return image
+
+
+def _run_classes(args, request, engine, classes: list[int], wants_all: bool) -> tuple[list[int], dict, list]:
+    """(catalog classes, experimental prompt embeddings by text, prompt report) for this run: "all" is every class
+    the model knows; prompts add what they resolve to (and must all resolve unless --experimental-prompts)."""
+    from .pipeline import resolve_prompts
+
+    if wants_all:
+        # "all" means every class this model knows; named ones still count.
+        classes = sorted(set(classes) | set(engine.available_classes()))
+    report: list = []
+    extra: dict = {}
+    if request.prompt:
+        resolution, note = resolve_prompts(
+            list(request.prompt), engine.model, allow_experimental=args.experimental_prompts
+        )
+        _print_resolution(resolution, note)
+        if resolution.rejected:
+            raise InputError(
+                "some prompt items were not recognised (see above); fix them, use --classes, or add "
+                "--experimental-prompts to try them as raw CLIP embeddings"
+            )
+        report = resolution.to_json()["items"]
+        classes = sorted(set(classes) | set(resolution.classes))
+        extra = {it.text: it.embedding for it in resolution.experimental}
+    elif request.classes is None:
+        classes = engine.available_classes()
+    if not classes and not extra:
+        raise InputError("no classes to segment")
+    return classes, extra, report
+
+
 def cmd_segment(args) -> int:
     from .catalog import ClassCatalog
     from .checkpoints import resolve_device
-    from .imageio import check_ct_intensities, nifti_file_bytes, read_image, write_outputs
-    from .output_safety import check_free_space, check_regular_input
-    from .pipeline import NOT_ENOUGH_MEMORY, is_out_of_memory, resolve_prompts
+    from .imageio import read_image, write_outputs
+    from .output_safety import check_regular_input
+    from .pipeline import memory_errors_as_input_errors
 
     catalog = ClassCatalog.default()
     source = Path(args.input)
@@ -285,21 +347,7 @@ def cmd_segment(args) -> int:
     )
     notes: list[str] = []
     if batch:
-        if args.format == "dicom-seg":
-            raise InputError("--format dicom-seg needs a DICOM series input; in batch mode use nii, nrrd or seg.nrrd")
-        if args.summary:
-            raise InputError(
-                "--summary applies to a single scan; in batch mode each scan's summary is written "
-                "beside its output (<name>.summary.json)"
-            )
-        scans = find_scans(source)
-        if not scans:
-            raise InputError(
-                f"no scans found in {printable(source)} (looked for {', '.join(IMAGE_SUFFIXES)} files and DICOM sub-folders)"
-            )
-        shard = _parse_shard(args.shard)
-        if shard:
-            scans = [s for n, s in enumerate(scans) if n % shard[1] == shard[0]]
+        scans = _batch_scans(args, source)
         _plan_run(args, scans, batch)
     else:
         if args.shard:
@@ -307,39 +355,10 @@ def cmd_segment(args) -> int:
         scans = [source]
         ((output, _split, _summary, fmt),) = _plan_run(args, scans, batch)
         # Read and check the scan before loading the model, so a bad input fails at once.
-        preloaded = read_image(source, notes=notes, **read_options)
-        check_ct_intensities(preloaded, force=args.force, name=printable(source))
-        if fmt == "nii" and output.name.lower().endswith(".nii"):  # uncompressed: the size is known now
-            label_bytes = 1 if len(catalog) < 256 else 2  # the label map's voxel type (see write_label_map)
-            check_free_space(
-                output.parent,
-                nifti_file_bytes(preloaded.GetSize(), label_bytes),
-                f"the output '{printable(output.name)}'",
-            )
+        preloaded = _read_single_scan(args, source, output, fmt, notes, read_options, len(catalog))
 
     engine = _load_engine(args, request.model, options)
-    if wants_all:
-        # "all" means every class this model knows (the bundled model knows 23 of the 32); named ones still count.
-        classes = sorted(set(classes) | set(engine.available_classes()))
-    report: list = []
-    extra = {}
-    if request.prompt:
-        resolution, note = resolve_prompts(
-            list(request.prompt), engine.model, allow_experimental=args.experimental_prompts
-        )
-        _print_resolution(resolution, note)
-        if resolution.rejected:
-            raise InputError(
-                "some prompt items were not recognised (see above); fix them, use --classes, or add "
-                "--experimental-prompts to try them as raw CLIP embeddings"
-            )
-        report = resolution.to_json()["items"]
-        classes = sorted(set(classes) | set(resolution.classes))
-        extra = {it.text: it.embedding for it in resolution.experimental}
-    elif request.classes is None:
-        classes = engine.available_classes()
-    if not classes and not extra:
-        raise InputError("no classes to segment")
+    classes, extra, report = _run_classes(args, request, engine, classes, wants_all)
     # Now the split-mask names are known: check them against the inputs and the other outputs too.
     planned = _plan_run(args, scans, batch, [catalog[i].file_stem for i in classes] if args.split_masks else ())
     names = ", ".join(catalog[i].name for i in classes) + (f" + {len(extra)} experimental" if extra else "")
@@ -356,38 +375,37 @@ def cmd_segment(args) -> int:
             continue
         progress = _Progress(args.progress, printable(scan.name))
         try:
-            scan_notes = notes
-            if batch:
-                scan_notes = []
-                image = read_image(scan, notes=scan_notes, **read_options) if scan.is_dir() else scan
-            else:
-                image = preloaded
-            result = engine.segment(
-                image, classes, extra_embeddings=extra or None, prompt_report=report, progress=progress, input_path=scan
-            )
-            result.settings["request"] = request.to_json()  # the summary records what was asked
-            written = write_outputs(
-                result,
-                output,
-                fmt=fmt,
-                split_masks=split,
-                summary=summary,
-                dicom_source=scan if fmt == "dicom-seg" else None,
-                warnings=scan_notes,
-            )
+            # reading and writing allocate too: running out of memory anywhere is the same one line
+            with memory_errors_as_input_errors():
+                scan_notes = notes
+                if batch:
+                    scan_notes = []
+                    image = read_image(scan, notes=scan_notes, **read_options) if scan.is_dir() else scan
+                else:
+                    image = preloaded
+                result = engine.segment(
+                    image,
+                    classes,
+                    extra_embeddings=extra or None,
+                    prompt_report=report,
+                    progress=progress,
+                    input_path=scan,
+                )
+                result.settings["request"] = request.to_json()  # the summary records what was asked
+                written = write_outputs(
+                    result,
+                    output,
+                    fmt=fmt,
+                    split_masks=split,
+                    summary=summary,
+                    dicom_source=scan if fmt == "dicom-seg" else None,
+                    warnings=scan_notes,
+                )
         except UniversalSegError as exc:
             if not batch:
                 raise
             failures += 1
             print(f"universalseg: error: {printable(scan.name)}: {printable(exc)}", file=sys.stderr)
-            continue
-        except (MemoryError, RuntimeError) as exc:
-            if not is_out_of_memory(exc):
-                raise
-            if not batch:
-                raise InputError(NOT_ENOUGH_MEMORY) from None
-            failures += 1
-            print(f"universalseg: error: {printable(scan.name)}: {NOT_ENOUGH_MEMORY}", file=sys.stderr)
             continue
         finally:
             progress.close()
@@ -516,7 +534,7 @@ def cmd_classes(args) -> int:
     provided = {n.lower() for n in names}
     held_out = {k.lower(): v for k, v in dice.items()}
     model_name = str(args.model or DEFAULT_MODEL)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for c in catalog:
         rows.append(
             {
@@ -624,33 +642,47 @@ class _PrintableFormatter(logging.Formatter):
         return printable(super().format(record))
 
 
+def setup_process(verbose: bool) -> None:
+    """What every command line of the project does first: log lines (control characters escaped) at INFO with
+    ``--verbose``, else WARNING; ``UNIVERSALSEG_THREADS`` caps PyTorch's threads."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    if os.environ.get("UNIVERSALSEG_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["UNIVERSALSEG_THREADS"]))
+
+
+def run_command(prog: str, command: Callable[[], int], interrupted: str = "interrupted") -> int:
+    """``command()``'s exit code, or the project's one-line error (exit 2) for a UniversalSegError; Ctrl-C exits 130,
+    SIGTERM (raised as :class:`Terminated`) 128 + 15."""
+    try:
+        return command()
+    except UniversalSegError as exc:
+        print(f"{prog}: error: {printable(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 128 + exc.signum if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line. ``argv`` None means a real program run (from ``sys.argv``): then, once the command has
     finished, SIGINT/SIGTERM end the process at once with 130/143; called with ``argv`` (tests, scripts), the
     previous signal handlers are put back."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(_PrintableFormatter("%(levelname)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler])
-    if os.environ.get("UNIVERSALSEG_THREADS"):
-        import torch
-
-        torch.set_num_threads(int(os.environ["UNIVERSALSEG_THREADS"]))
+    setup_process(args.verbose)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
     if in_main_thread:
         # Cancel from the Slicer module (or a scheduler) arrives as SIGTERM: unwind so temporary files are removed.
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        return COMMANDS[args.command](args)
-    except UniversalSegError as exc:
-        print(f"universalseg: error: {printable(exc)}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt as exc:
-        code = 128 + exc.signum if isinstance(exc, Terminated) else EXIT_INTERRUPTED
-        print("universalseg: interrupted; no partial output was written", file=sys.stderr)
-        return code
+        return run_command(
+            "universalseg", lambda: COMMANDS[args.command](args), "interrupted; no partial output was written"
+        )
     finally:
         if in_main_thread:
             for sig, old in previous.items():

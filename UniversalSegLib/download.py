@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 from .errors import DownloadError, InputError
 
 __all__ = [
-    "ProgressCallback",
+    "DownloadProgress",
     "TqdmProgress",
     "cache_dir",
     "download_file",
@@ -45,7 +45,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: ``progress(bytes_done, total_bytes_or_None)``; ``bytes_done`` counts the whole file, resumed bytes included.
-ProgressCallback = Callable[[int, Optional[int]], None]
+DownloadProgress = Callable[[int, Optional[int]], None]
 
 _CHUNK = 1 << 20  # 1 MiB reads: few Python-level iterations for GB files, fine-grained enough for a progress bar
 _BACKOFF_S = 0.5  # first retry delay; doubles per retry, capped at _BACKOFF_MAX_S
@@ -116,7 +116,7 @@ def download_file(
     *,
     sha256: str | None = None,
     expected_size: int | None = None,
-    progress: ProgressCallback | None = None,
+    progress: DownloadProgress | None = None,
     timeout: float = 60.0,
     retries: int = 3,
 ) -> Path:
@@ -277,7 +277,7 @@ def _fetch_into_part(
     part: Path,
     meta: Path,
     expected_size: int | None,
-    progress: ProgressCallback | None,
+    progress: DownloadProgress | None,
     timeout: float,
 ) -> None:
     """One attempt: bring ``part`` to the complete file as served. Raises _Retryable or DownloadError."""
@@ -394,7 +394,7 @@ def _verify_part(part: Path, meta: Path, url: str, sha256: str | None, expected_
 
 
 class TqdmProgress:
-    """A :data:`ProgressCallback` that draws a tqdm bar in bytes; handles resumed and restarted transfers.
+    """A :data:`DownloadProgress` that draws a tqdm bar in bytes; handles resumed and restarted transfers.
 
     Use as a context manager (or call :meth:`close`) so that the bar is closed if the download fails.
     """

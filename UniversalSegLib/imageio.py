@@ -33,6 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, printable
+from .formats import IMAGE_SUFFIXES, OUTPUT_FORMATS, image_stem, output_format, with_format_suffix
 from .output_safety import OutputPlan, OutputTransaction, check_regular_input, safe_output, verify_image, verify_text
 
 if TYPE_CHECKING:
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "OUTPUT_FORMATS",
+    "IMAGE_SUFFIXES",
+    "image_stem",
+    "is_dicom_file",
     "read_image",
     "check_ct_intensities",
     "is_dicom_series",
@@ -62,30 +66,8 @@ __all__ = [
     "read_seg_nrrd",
 ]
 
-# Output format name -> file name suffixes that imply it (first one is the default when a name has none).
-OUTPUT_FORMATS: dict[str, tuple[str, ...]] = {
-    "seg.nrrd": (".seg.nrrd",),
-    "nii": (".nii.gz", ".nii"),
-    "nrrd": (".nrrd",),  # not .nhdr: its separate data file would not follow the atomic rename
-    "dicom-seg": (".dcm",),
-}
-# Spellings accepted for --format.
-_FORMAT_ALIASES = {
-    "nii": "nii",
-    "nii.gz": "nii",
-    "nifti": "nii",
-    "nrrd": "nrrd",
-    "seg.nrrd": "seg.nrrd",
-    "seg": "seg.nrrd",
-    "slicer": "seg.nrrd",
-    "dicom-seg": "dicom-seg",
-    "dicomseg": "dicom-seg",
-    "dcm": "dicom-seg",
-    "dicom": "dicom-seg",
-}
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # DICOM objects that are not images (a SEG or RTSTRUCT next to the CT must not be read as the scan).
-_NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "SR", "PR", "KO", "RTPLAN", "RTRECORD", "REG", "DOC", "RWV"}
+NON_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "SR", "PR", "KO", "RTPLAN", "RTRECORD", "REG", "DOC", "RWV"}
 
 # DICOM tags kept on the returned image: Modality (checked by check_ct_intensities), SeriesInstanceUID.
 _KEPT_TAGS = ("0008|0060", "0020|000e")
@@ -136,7 +118,7 @@ def read_image(
     if not path.exists():
         raise InputError(f"input '{printable(path)}' does not exist; check the path")
     check_regular_input(path)
-    if path.is_dir() or _is_dicom_file(path):
+    if path.is_dir() or is_dicom_file(path):
         notes = notes if notes is not None else []
         image = _read_dicom(path, skip_unreadable_slices, allow_irregular_slices, notes)
     else:
@@ -152,7 +134,7 @@ def is_dicom_series(path: str | Path) -> bool:
     """Whether ``path`` is a DICOM file or a folder that holds (in it or below it) at least one DICOM image series."""
     path = Path(path).expanduser()
     if path.is_file():
-        return _is_dicom_file(path)
+        return is_dicom_file(path)
     if path.is_dir():
         return bool(_dicom_series_in_folder(path))
     return False
@@ -165,9 +147,9 @@ def dicom_series_files(path: str | Path) -> list[Path]:
     if not path.exists():
         raise InputError(f"DICOM input '{path}' does not exist; check the path")
     if path.is_file():
-        if not _is_dicom_file(path):
+        if not is_dicom_file(path):
             raise InputError(f"'{path}' is not a DICOM file; pass a DICOM series folder or one of its files")
-        header = _dicom_header(path)
+        header = dicom_header(path)
         _refuse_non_image(header, path)
         uid = str(header.get("SeriesInstanceUID", ""))
         files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path.parent), uid)) if uid else []
@@ -254,7 +236,7 @@ def _read_file(path: Path) -> sitk.Image:
 
 def _read_dicom(path: Path, skip_unreadable: bool, allow_irregular: bool, notes: list[str]) -> sitk.Image:
     files = dicom_series_files(path)
-    header = _dicom_header(files[0])
+    header = dicom_header(files[0])
     _refuse_non_image(header, files[0])
     _check_series_complete(path, files, str(header.get("SeriesInstanceUID", "")), skip_unreadable, notes)
     _check_slice_spacing(path, files, allow_irregular, notes)
@@ -293,9 +275,9 @@ def _unreadable_series_files(files: list[Path], uid: str) -> list[Path]:
             if entry.name.startswith(".") or entry.name.upper() == "DICOMDIR" or not entry.is_file():
                 continue
             real = entry.resolve()
-            if real in listed or real in others or not _is_dicom_file(entry):
+            if real in listed or real in others or not is_dicom_file(entry):
                 continue
-            header = _dicom_header(entry)
+            header = dicom_header(entry)
             entry_uid = str(header.get("SeriesInstanceUID", "")) if header is not None else ""
             if header is not None and str(header.get("MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10":
                 continue  # a DICOMDIR under another name
@@ -325,7 +307,7 @@ def _check_slice_spacing(path: Path, files: list[Path], allow: bool, notes: list
     place every slice as if the first gap held throughout."""
     if len(files) < 3:
         return
-    headers = [_dicom_header(f) for f in files]
+    headers = [dicom_header(f) for f in files]
     try:
         orientation = np.asarray(headers[0].ImageOrientationPatient, dtype=float)
         normal = np.cross(orientation[:3], orientation[3:])
@@ -536,7 +518,7 @@ def _nifti_expected_bytes(head: bytes) -> int | None:
     return int(vox_offset) + voxels * bitpix // 8
 
 
-def _is_dicom_file(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
@@ -548,11 +530,11 @@ def _is_dicom_file(path: Path) -> bool:
         return True
     # Old DICOM files without the preamble: let pydicom decide, but only for files named like DICOM.
     if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
-        return _dicom_header(path) is not None
+        return dicom_header(path) is not None
     return False
 
 
-def _dicom_header(path: Path):
+def dicom_header(path: Path):
     import pydicom
 
     try:
@@ -565,7 +547,7 @@ def _refuse_non_image(header, path: Path) -> None:
     if header is None:
         raise InputError(f"cannot read '{path}' as DICOM; check that it is a DICOM image file")
     modality = str(header.get("Modality", "")).upper()
-    if modality in _NON_IMAGE_MODALITIES:
+    if modality in NON_IMAGE_MODALITIES:
         raise InputError(
             f"'{path}' is a DICOM {modality} object, not an image series; pass the folder of the CT series"
         )
@@ -576,7 +558,7 @@ def _dicom_series_in_folder(folder: Path) -> dict[str, list[Path]]:
     uids: list[str] = []
     for root, _dirs, names in os.walk(folder):
         # Ask GDCM only about folders with a DICOM-looking file (it warns on stderr about every other folder).
-        if not any(_is_dicom_file(Path(root, name)) for name in names):
+        if not any(is_dicom_file(Path(root, name)) for name in names):
             continue
         for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):
             if uid not in uids:
@@ -586,56 +568,16 @@ def _dicom_series_in_folder(folder: Path) -> dict[str, list[Path]]:
         files = [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid, False, True)]
         if not files:
             continue
-        header = _dicom_header(files[0])
-        if header is None or str(header.get("Modality", "")).upper() in _NON_IMAGE_MODALITIES:
+        header = dicom_header(files[0])
+        if header is None or str(header.get("Modality", "")).upper() in NON_IMAGE_MODALITIES:
             continue
         series[uid] = files
     return series
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Output paths
+# Output paths (formats and suffixes: formats.py)
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _format_from_suffix(path: Path) -> str | None:
-    name = path.name.lower()
-    for fmt, suffixes in OUTPUT_FORMATS.items():  # ".seg.nrrd" is tested before ".nrrd"
-        if name.endswith(suffixes):
-            return fmt
-    return None
-
-
-def output_format(path: str | Path, fmt: str | None = None) -> str:
-    """The output format ("nii", "nrrd", "seg.nrrd" or "dicom-seg") from ``--format`` or else the file name suffix.
-
-    Raises:
-        InputError: unknown ``fmt``, a name whose suffix says another format than ``fmt``, or no format at all.
-    """
-    path = Path(path)
-    implied = _format_from_suffix(path)
-    if fmt is not None:
-        chosen = _FORMAT_ALIASES.get(fmt.strip().lower())
-        if chosen is None:
-            raise InputError(f"unknown output format '{fmt}'; use one of: {', '.join(OUTPUT_FORMATS)}")
-        if implied is not None and implied != chosen:
-            raise InputError(
-                f"output name '{path.name}' is a {implied} name but --format is {chosen}; "
-                f"name the file *{OUTPUT_FORMATS[chosen][0]} or drop --format"
-            )
-        return chosen
-    if implied is None:
-        raise InputError(
-            f"cannot tell the output format of '{path.name}'; name it *.nii.gz, *.nrrd, *.seg.nrrd or *.dcm, "
-            "or pass --format nii|nrrd|seg.nrrd|dicom-seg"
-        )
-    return implied
-
-
-def with_format_suffix(path: str | Path, fmt: str) -> Path:
-    """``path`` with the default suffix of ``fmt`` appended when its name has no output suffix (``out`` -> ``out.nii.gz``)."""
-    path = Path(path)
-    return path if _format_from_suffix(path) else path.with_name(path.name + OUTPUT_FORMATS[fmt][0])
 
 
 def check_writable(path: str | Path, *, is_folder: bool = False) -> None:
@@ -877,12 +819,9 @@ def _json_default(value: Any) -> Any:
 
 
 def _software_version() -> str:
-    try:
-        from importlib.metadata import version
+    from . import __version__
 
-        return version("universalseg")
-    except Exception:  # noqa: BLE001 - not installed as a distribution (e.g. run from a checkout)
-        return "0.1.0"
+    return __version__
 
 
 def write_dicom_seg(

@@ -54,7 +54,8 @@ BAND_FLOAT32_BUDGET = 256 * 2**20
 #: (about 3x faster than one pass over a whole 96^3 window on CPU; the arithmetic per voxel is unchanged).
 HEAD_CHUNK_VOXELS = 32768
 
-ProgressCallback = Callable[[float, str], None]
+#: Called with (windows done, windows in all) before the first window and after each.
+WindowProgress = Callable[[int, int], None]
 
 
 class Cancelled(Exception):
@@ -407,12 +408,12 @@ class OpenVINOWindowNetwork:
         if self.compiled is None:
             self._compile()
         if self.request is None:
+            assert self.compiled is not None
             self.request = self.compiled.create_infer_request()
+        request = self.request
         features, heads = [], []
         for window in windows:
-            result = self.request.infer(
-                {0: np.ascontiguousarray(window[None].detach().cpu().numpy(), dtype=np.float32)}
-            )
+            result = request.infer({0: np.ascontiguousarray(window[None].detach().cpu().numpy(), dtype=np.float32)})
             features.append(torch.from_numpy(np.array(result[0])))
             heads.append(torch.from_numpy(np.array(result[1])))
         with torch.inference_mode():
@@ -444,7 +445,7 @@ class SlidingWindowSegmenter:
         sw_batch_size: int = 1,
         device: torch.device | str = "cpu",
         output_device: torch.device | str = "cpu",
-        progress: ProgressCallback | None = None,
+        progress: WindowProgress | None = None,
         cancel: Callable[[], bool] | None = None,
         backend: str = "torch",
         precision: str = "float32",
@@ -492,7 +493,7 @@ class SlidingWindowSegmenter:
         self.windows_done = 0
         self.timings = {"setup": 0.0, "network": 0.0, "blend": 0.0}
         if self.progress is not None:
-            self.progress(0.0, f"window 0/{total}")
+            self.progress(0, total)
         _ = self.network
 
     def _run_network(self, windows: torch.Tensor, embeddings: torch.Tensor, total: int) -> torch.Tensor:
@@ -503,7 +504,7 @@ class SlidingWindowSegmenter:
         self.timings["network"] += perf_counter() - t
         self.windows_done += windows.shape[0]
         if self.progress is not None:
-            self.progress(self.windows_done / total, f"window {self.windows_done}/{total}")
+            self.progress(self.windows_done, total)
         return logits
 
     def __call__(self, image: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
@@ -532,6 +533,7 @@ class SlidingWindowSegmenter:
             )
         self.timings["blend"] = perf_counter() - t - self.timings["network"]
         self.release()
+        assert isinstance(out, torch.Tensor)  # one predictor output -> one tensor (MONAI's union covers dict/tuple)
         return out
 
     def release(self) -> None:

@@ -126,9 +126,9 @@ def protected_files(source: str | Path) -> list[Path]:
             files.extend(Path(root, name) for name in names)
         return files
     files = [source]
-    from .imageio import _is_dicom_file, dicom_series_files
+    from .imageio import dicom_series_files, is_dicom_file
 
-    if source.is_file() and _is_dicom_file(source):
+    if source.is_file() and is_dicom_file(source):
         with contextlib.suppress(Exception):  # an unreadable series fails later, when it is read
             files.extend(p for p in dicom_series_files(source) if p != source)
     return files
@@ -251,12 +251,12 @@ class OutputPlan:
 
 def _is_derived_object(path: Path) -> bool:
     """Whether ``path`` is a DICOM object that is not an image (SEG, RTSTRUCT, SR...): never read as the scan."""
-    from .imageio import _NON_IMAGE_MODALITIES, _dicom_header, _is_dicom_file
+    from .imageio import NON_IMAGE_MODALITIES, dicom_header, is_dicom_file
 
-    if not path.is_file() or not _is_dicom_file(path):
+    if not path.is_file() or not is_dicom_file(path):
         return False
-    header = _dicom_header(path)
-    return header is not None and str(header.get("Modality", "")).upper() in _NON_IMAGE_MODALITIES
+    header = dicom_header(path)
+    return header is not None and str(header.get("Modality", "")).upper() in NON_IMAGE_MODALITIES
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -10,9 +10,10 @@ One code path for the CLI, the Slicer module, scripts and benchmarks::
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,26 +27,14 @@ from .inferer import ROI_SIZE, Cancelled, SlidingWindowSegmenter, count_windows
 from .networks.universal_model import UniversalModel
 from .postprocess import PostprocessOptions, dependencies, postprocess, steps_for_model
 from .preprocessing import HU_WINDOW, TARGET_SPACING_MM, Preprocessed, preprocess
-from .request import check_setting
+from .progress import STAGES, Progress, ProgressCallback
+from .request import PRESETS, check_setting
 from .result import CroppedMask, ImageGeometry, SegmentationResult
 
-ProgressCallback = Callable[[float, str], None]
-
 DEFAULT_OVERLAP = 0.5
-# --fast: windows without overlap (3-4x fewer windows than overlap 0.5 on whole CTs) at the training spacing, and the
-# backbone in bfloat16 where the CPU has native bfloat16 (see README, Performance).
-FAST_OVERLAP = 0.0
-
-# Share of the progress bar each stage takes (windows dominate the run time).
-_STAGES = {
-    "read": (0.0, 0.03),
-    "preprocess": (0.03, 0.08),
-    "windows": (0.08, 0.85),
-    "postprocess": (0.85, 0.9),
-    "resample": (0.9, 1.0),
-}
 
 
+NOT_ENOUGH_GPU_MEMORY = "not enough GPU memory for this scan; try --fast, a smaller window batch, or --device cpu"
 NOT_ENOUGH_MEMORY = (
     "not enough memory for this scan; try --fast, fewer classes, or --device cpu on a machine with more memory"
 )
@@ -65,11 +54,24 @@ def is_out_of_memory(exc: BaseException | None) -> bool:
     return False
 
 
+@contextmanager
+def memory_errors_as_input_errors() -> Iterator[None]:
+    """Turn allocation failures inside the block into one InputError saying what to do (GPU or CPU memory)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise InputError(NOT_ENOUGH_GPU_MEMORY) from None
+    except (MemoryError, RuntimeError) as exc:
+        if is_out_of_memory(exc):
+            raise InputError(NOT_ENOUGH_MEMORY) from None
+        raise
+
+
 @dataclass
 class SegmentationOptions:
     """How to run the engine (built from a :class:`~UniversalSegLib.request.SegmentationRequest` by its
-    ``to_options``, or directly by scripts). ``overlap=None`` means 0.5, or 0.0 with ``fast``; ``precision=None`` or
-    ``"auto"`` means float32, or bfloat16 with ``fast``. The values are checked with the request's checks
+    ``to_options``, or directly by scripts). ``overlap=None`` means 0.5 (also with ``fast``); ``precision=None`` or
+    ``"auto"`` means float32, or bfloat16 with ``fast`` (the request's preset, ``request.PRESETS``). The values are checked with the request's checks
     (:func:`~UniversalSegLib.request.check_setting`)."""
 
     overlap: float | None = None
@@ -89,13 +91,13 @@ class SegmentationOptions:
     def effective_overlap(self) -> float:
         if self.overlap is not None:
             return self.overlap
-        return FAST_OVERLAP if self.fast else DEFAULT_OVERLAP
+        return float(PRESETS["fast"].get("overlap", DEFAULT_OVERLAP)) if self.fast else DEFAULT_OVERLAP
 
     @property
     def effective_precision(self) -> str:
         if self.precision not in (None, "auto"):
             return self.precision
-        return "bfloat16" if self.fast else "float32"
+        return str(PRESETS["fast"].get("precision", "float32")) if self.fast else "float32"
 
     def validate(self) -> None:
         check_setting("overlap", self.effective_overlap)
@@ -118,6 +120,12 @@ class ModelPreprocessing:
     spacing_mm: tuple[float, float, float] = TARGET_SPACING_MM
     hu_window: tuple[float, float] = HU_WINDOW
     roi_size: tuple[int, int, int] = ROI_SIZE
+
+
+def _triple(values: Iterable[float]) -> tuple[float, float, float]:
+    """Three floats (a spacing) from any sequence of three numbers; ValueError for another length."""
+    x, y, z = (float(v) for v in values)
+    return x, y, z
 
 
 def model_preprocessing(model: UniversalModel) -> ModelPreprocessing:
@@ -164,11 +172,9 @@ def select_classes(
     return sorted(indices)
 
 
-def _stage(progress: ProgressCallback | None, stage: str, fraction: float = 0.0, detail: str = "") -> None:
-    if progress is None:
-        return
-    lo, hi = _STAGES[stage]
-    progress(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), detail or stage)
+def _stage(progress: ProgressCallback | None, stage: str, done: int | None = None, total: int | None = None) -> None:
+    if progress is not None:
+        progress(Progress.at(stage, done, total))
 
 
 def _model_channels(model: UniversalModel, wanted: Sequence[int], catalog: ClassCatalog) -> dict[int, int]:
@@ -221,7 +227,7 @@ class Engine:
         """Segment one CT. ``classes``: catalog names/indices or "all"; ``extra_embeddings``: experimental free-text
         classes (text -> 512-d CLIP embedding), returned with indices above the catalog's. ``input_path`` names the
         source in the summary when an already-read image is given."""
-        try:
+        with memory_errors_as_input_errors():
             prediction = self.predict(
                 image_or_path,
                 classes,
@@ -231,14 +237,6 @@ class Engine:
                 input_path=input_path,
             )
             return self.finish(prediction, prompt_report=prompt_report, progress=progress, cancel=cancel)
-        except torch.cuda.OutOfMemoryError:
-            raise InputError(
-                "not enough GPU memory for this scan; try --fast, a smaller window batch, or --device cpu"
-            ) from None
-        except (MemoryError, RuntimeError) as exc:
-            if is_out_of_memory(exc):
-                raise InputError(NOT_ENOUGH_MEMORY) from None
-            raise
 
     def predict(
         self,
@@ -284,7 +282,7 @@ class Engine:
         t = time.perf_counter()
         _stage(progress, "preprocess")
         grid = model_preprocessing(self.model)
-        spacing = tuple(opts.spacing) if opts.spacing is not None else grid.spacing_mm
+        spacing = _triple(opts.spacing) if opts.spacing is not None else grid.spacing_mm
         pre = preprocess(image, spacing=spacing, hu_window=grid.hu_window)
         timings["preprocess"] = time.perf_counter() - t
 
@@ -297,7 +295,7 @@ class Engine:
                 overlap=overlap,
                 sw_batch_size=opts.sw_batch_size,
                 device=self.device,
-                progress=(lambda f, d: _stage(progress, "windows", f, d)) if progress else None,
+                progress=(lambda done, total: _stage(progress, "windows", done, total)) if progress else None,
                 cancel=cancel,
                 backend=opts.backend,  # auto: OpenVINO on the CPU when installed (about 1.7x faster), else PyTorch
                 precision=opts.effective_precision,  # bfloat16: the backbone in bfloat16 where the CPU has it
@@ -361,15 +359,15 @@ class Engine:
         for n, index in enumerate(outputs):
             if cancel is not None and cancel():
                 raise Cancelled("segmentation cancelled")
-            _stage(progress, "resample", n / max(len(outputs), 1), f"resample {n + 1}/{len(outputs)}")
+            _stage(progress, "resample", n, len(outputs))
             # Nearest-neighbour inversion by per-axis index maps, straight to the mask's bounding box. Popping the
             # mask frees post-processed copies as the results grow (the prediction keeps its own masks).
             start, box = prediction.preprocessed.invert_mask_box(masks.pop(index))
             cropped[index] = CroppedMask(start, box)
         masks.clear()
         timings["resample"] = time.perf_counter() - t
-        timings["total"] = sum(v for k, v in timings.items() if k in _STAGES)
-        _stage(progress, "resample", 1.0, "done")
+        timings["total"] = sum(v for k, v in timings.items() if k in STAGES)
+        _stage(progress, "resample", len(outputs) or 1, len(outputs) or 1)  # the run's end: "done"
 
         extra_classes = {
             index: _experimental_class(index, text, self.catalog) for index, text in prediction.experimental.items()

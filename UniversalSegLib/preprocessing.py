@@ -183,7 +183,7 @@ class InverseIndex:
         axes, index = [], []
         for p in range(3):  # input array axis p (z, y, x) is SimpleITK / original axis q = 2 - p
             q = 2 - p
-            (a,) = np.flatnonzero(perm[q])
+            a = int(np.flatnonzero(perm[q])[0])
             sign = int(perm[q, a])
             oriented = (np.arange(original_size[q]) - int(offset[q])) * sign
             if oriented.min() < 0 or oriented.max() >= oriented_size[a]:
@@ -193,7 +193,7 @@ class InverseIndex:
             # nearest sampling of a monotonic map: valid planes form one run, and indices move one way
             if len(valid) and (valid[-1] - valid[0] + 1 != len(valid) or not _monotonic(k[valid])):
                 return None
-            axes.append(int(a))
+            axes.append(a)
             index.append(k)
         if sorted(axes) != [0, 1, 2]:
             return None

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Mapping
 
-from .download import ProgressCallback, cache_dir, download_file, format_size
+from .download import DownloadProgress, cache_dir, download_file, format_size
 from .errors import CheckpointError, InputError
 
 __all__ = [
@@ -290,7 +290,7 @@ class ModelRegistry:
         *,
         accept_licence: bool = False,
         download: bool = True,
-        progress: ProgressCallback | None = None,
+        progress: DownloadProgress | None = None,
     ) -> Path:
         """The checkpoint file for a registry name or a local path, downloading it if needed.
 
@@ -354,7 +354,7 @@ class ModelRegistry:
         elif not licence_accepted(entry):
             raise _licence_refusal(entry)
 
-    def download(self, name: str, *, accept_licence: bool = False, progress: ProgressCallback | None = None) -> Path:
+    def download(self, name: str, *, accept_licence: bool = False, progress: DownloadProgress | None = None) -> Path:
         """``universalseg download NAME``: make the registry model ``name`` available locally; returns its path."""
         entry = self.get(name)
         return self.resolve(entry.name, accept_licence=accept_licence, download=True, progress=progress)

@@ -275,7 +275,8 @@ def run_one(args) -> dict:
 
     from UniversalSegLib.checkpoints import load_checkpoint
     from UniversalSegLib.imageio import read_image, write_outputs
-    from UniversalSegLib.pipeline import _STAGES, Engine, SegmentationOptions
+    from UniversalSegLib.pipeline import Engine, SegmentationOptions
+    from UniversalSegLib.progress import Progress
 
     meter = StageMeter()
     t0 = time.perf_counter()
@@ -295,19 +296,10 @@ def run_one(args) -> dict:
         engine = Engine(model, options)
         meter.mark("read")
         image = read_image(ct)
-        stage_of = {
-            "read": "read",
-            "preprocess": "preprocess",
-            "window": "windows",
-            "postprocess": "postprocess",
-            "resample": "resample",
-            "done": "resample",
-        }
 
-        def progress(fraction: float, detail: str) -> None:
-            name = stage_of.get(detail.split(" ")[0])
-            if name and name != meter.current and name in _STAGES:
-                meter.mark(name)
+        def progress(message: Progress) -> None:
+            if message.stage != meter.current:
+                meter.mark(message.stage)
 
         result = engine.segment(image, model_classes(model) if args.classes == "all" else SUBSET, progress=progress)
         meter.mark("write")

@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from UniversalSegLib.errors import InputError, UniversalSegError
+from UniversalSegLib.cli import run_command, setup_process
+from UniversalSegLib.errors import InputError
 
 if TYPE_CHECKING:
     from .config import TrainingConfig
 
-EXIT_USER_ERROR = 2
 EXIT_CHECK_FAILED = 1
-EXIT_INTERRUPTED = 130
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -102,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", default="evaluation", help="folder for evaluation.json and evaluation.md (default ./evaluation)"
     )
     p.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
-    p.add_argument("--fast", action="store_true", help="windows without overlap (faster, slightly less accurate)")
+    p.add_argument(
+        "--fast", action="store_true", help="the fast preset of universalseg segment (bfloat16 on CPUs that have it)"
+    )
     p.add_argument("--overlap", type=float, help="window overlap (default 0.5)")
     p.add_argument("--no-postprocess", action="store_true", help="score the thresholded masks without post-processing")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -292,19 +291,8 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    if os.environ.get("UNIVERSALSEG_THREADS"):
-        import torch
-
-        torch.set_num_threads(int(os.environ["UNIVERSALSEG_THREADS"]))
-    try:
-        return COMMANDS[args.command](args)
-    except UniversalSegError as exc:
-        print(f"universalseg-train: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("universalseg-train: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    setup_process(args.verbose)  # (fit handles SIGTERM itself: it checkpoints and stops)
+    return run_command("universalseg-train", lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,18 @@ def _triple(value: Any, name: str, kind: type = float) -> tuple:
     return out
 
 
+def _pair(value: Any, name: str, valid: Any, rule: str) -> tuple[float, float]:
+    """``value`` as [low, high] floats for which ``valid(low, high)`` holds (``rule`` says it in words), else one
+    clear InputError."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise InputError(f"config: {name} must be [low, high], got {value!r}") from None
+    if not valid(low, high):
+        raise InputError(f"config: {name} = [{low:g}, {high:g}] breaks {rule}")
+    return low, high
+
+
 @dataclass
 class ModelSection:
     """Which network and where it starts.
@@ -86,7 +98,10 @@ class AugmentationSection:
     ``pos / (pos + neg)`` (MONAI ``RandCropByPosNegLabeld``). Flips along the listed array axes (0 = patient
     left-right, 1 = anterior-posterior, 2 = superior-inferior); a left-right flip swaps the labels of lateral class pairs
     (Right/Left Kidney ...), so laterality stays correct. Rotations up to ``rotate_degrees`` about each axis;
-    intensity shift/scale on the [0, 1] window-scaled image.
+    intensity shift/scale on the [0, 1] window-scaled image. Contrast phase per organ (``organ_phase_*``): with
+    probability ``organ_phase_prob`` each organ of ``organ_phase_classes`` (catalog names; organs that enhance) gets
+    its median moved to a HU value uniform in ``organ_phase_hu`` (low < high) and its texture scaled by a factor uniform
+    in ``organ_phase_spread`` (0 <= low <= high).
     """
 
     num_samples: int = 2
@@ -103,6 +118,10 @@ class AugmentationSection:
     crop_centres: str = "foreground"
     organ_intensity_prob: float = 0.0
     organ_intensity_offset: float = 0.2
+    organ_phase_prob: float = 0.0
+    organ_phase_classes: list[str] = field(default_factory=list)
+    organ_phase_hu: tuple[float, float] = (0.0, 250.0)
+    organ_phase_spread: tuple[float, float] = (0.3, 1.0)
     intensity_shift: float = 0.1
     intensity_shift_prob: float = 0.5
     intensity_scale: float = 0.1
@@ -323,6 +342,12 @@ def parse_config(raw: Mapping[str, Any], base_dir: str | Path = ".", source_path
         )
     if not 0 <= aug.organ_intensity_prob <= 1 or aug.organ_intensity_offset < 0:
         raise InputError("config: augmentation.organ_intensity_prob must be in [0, 1] and organ_intensity_offset >= 0")
+    if not 0 <= aug.organ_phase_prob <= 1:
+        raise InputError(f"config: augmentation.organ_phase_prob must be in [0, 1], got {aug.organ_phase_prob}")
+    aug.organ_phase_hu = _pair(aug.organ_phase_hu, "augmentation.organ_phase_hu", lambda a, b: a < b, "low < high")
+    aug.organ_phase_spread = _pair(
+        aug.organ_phase_spread, "augmentation.organ_phase_spread", lambda a, b: 0 <= a <= b, "0 <= low <= high"
+    )
     if len(aug.contrast_gamma) != 2 or not 0 < float(aug.contrast_gamma[0]) <= float(aug.contrast_gamma[1]):
         raise InputError(
             f"config: augmentation.contrast_gamma must be [low, high] with 0 < low <= high, got {aug.contrast_gamma}"

@@ -52,11 +52,11 @@ import numpy as np
 from UniversalSegLib.catalog import ClassCatalog
 from UniversalSegLib.dataset_json import dataset_file, read_dataset_file
 from UniversalSegLib.errors import ClassNameError, InputError
+from UniversalSegLib.formats import image_stem
 
 from .config import DatasetSection, TrainingConfig
 from .totalsegmentator import TOTALSEG_V2_TO_CATALOG, TOTALSEG_V2_TOTAL
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 SIDES = ("right", "left")
 
 
@@ -226,10 +226,7 @@ def resolve_mapping(
 
 
 def _strip_image_suffix(name: str) -> str:
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
+    return image_stem(name) or Path(name).stem
 
 
 def _case_split(ds: DatasetSection, case_id: str, explicit: str | None, n_val: set[str]) -> str:
@@ -483,6 +480,7 @@ def _totalseg_cases(ds: DatasetSection, config: TrainingConfig, catalog: ClassCa
                 entry["annotated"] = annotated
                 entry["masks"] = {s: p for s, p in entry["masks"].items() if p.exists()}
         else:
+            assert ds.label_file is not None  # checked above: label_file or masks
             entry["label"] = folder / ds.label_file
         raw.append(entry)
     return _build(
@@ -621,7 +619,7 @@ def _x_lps(image) -> np.ndarray:
     return image.GetOrigin()[0] + i + j + k
 
 
-def read_case_labels(case: CaseSpec | Mapping[str, Any], image=None) -> CaseLabels:
+def read_case_labels(case: CaseSpec | Mapping[Any, Any], image=None) -> CaseLabels:
     """Read and encode a case's labels (see :class:`CaseLabels`). ``image`` (SimpleITK) is needed only when a source
     is split by side, and for the geometry check (skipped when None).
 
@@ -654,12 +652,17 @@ def read_case_labels(case: CaseSpec | Mapping[str, Any], image=None) -> CaseLabe
         return img
 
     needs_side = any(s for _, refs in sources for _, s in refs)
-    x_lps = midline = None
+    x_lps: np.ndarray | None = None
+    midline = 0.0
     if needs_side:
         if image is None:
             raise InputError(f"case {name}: a left/right split needs the image")
         x_lps = _x_lps(image)
         midline = _body_midline(sitk.GetArrayViewFromImage(image), x_lps)
+
+    def sides(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert x_lps is not None  # only called for the sides that needs_side found
+        return _side_of_components(sel, x_lps, midline)
 
     classes: dict[int, list[tuple[int, int]]] = {c: [] for c in data["annotated"]}
     values: set[int] = set()
@@ -694,7 +697,7 @@ def read_case_labels(case: CaseSpec | Mapping[str, Any], image=None) -> CaseLabe
         for (k, s), code in codes.items():
             sel = arr == k
             if s is not None:
-                right, left = _side_of_components(sel, x_lps, midline)
+                right, left = sides(sel)
                 sel = right if s == "right" else left
             out[sel] = code
         for c, refs in sources:
@@ -717,7 +720,7 @@ def read_case_labels(case: CaseSpec | Mapping[str, Any], image=None) -> CaseLabe
             sel = arr > 0
             split = any(s for _, refs in sources for k, s in refs if str(k) == structure)
             if split:
-                right, left = _side_of_components(sel, x_lps, midline)
+                right, left = sides(sel)
                 channels.append(right.astype(np.uint8) + 2 * left.astype(np.uint8))
             else:
                 channels.append(sel.astype(np.uint8))

@@ -37,7 +37,7 @@ def diagnose(config: TrainingConfig, samples: int = 64, seed: int = 0) -> dict[s
     catalog = load_catalog(config)
     train, _ = split_cases(collect_cases(config, catalog))
     classes = model_classes(config, catalog, train, [])
-    crop = tuple(int(c) for c in config.training.crop_size)
+    crop = config.training.crop_size  # three ints (checked by load_config)
     prep = preprocessing_transforms(config.spacing, config.hu_window, min_size=crop)
     augment = augmentation_transforms(config, classes, catalog)
     augment.set_random_state(seed)

@@ -92,8 +92,8 @@ def evaluate_models(
             if case.name not in references:
                 image = read_image(case.image)
                 labels = read_case_labels(case, image)
-                spacing = tuple(float(s) for s in reversed(image.GetSpacing()))
-                references[case.name] = (class_masks(labels), spacing)
+                sx, sy, sz = (float(s) for s in image.GetSpacing())
+                references[case.name] = (class_masks(labels), (sz, sy, sx))  # array axes z, y, x
             truth, spacing = references[case.name]
             todo = sorted(c for c in truth if c in known and (wanted is None or c in wanted))
             if not todo:

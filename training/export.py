@@ -208,6 +208,7 @@ def export_model(
             if current:
                 model = load_project_checkpoint(current[0])
             else:
+                assert state_path is not None  # with no state, every candidate is current
                 model = model_from_state(read_state(state_path))
     else:
         model = model_from_state(read_state(source))
@@ -271,8 +272,8 @@ def keep_classes(model: UniversalModel, names: Sequence[str]) -> UniversalModel:
     controller are shared by all classes, so each kept class's output is unchanged."""
     catalog = ClassCatalog.default()
     position = {c: r for r, c in enumerate(model_class_indices(model, catalog, strict=False)) if c is not None}
-    found = {n: catalog.find(n) for n in names}
-    missing = [n for n, info in found.items() if info is None or info.index not in position]
+    found = {n: info for n in names if (info := catalog.find(n)) is not None}
+    missing = [n for n in names if n not in found or found[n].index not in position]
     if missing:
         raise InputError(f"the model has no class {', '.join(missing)}; it has: {', '.join(model.class_names)}")
     if not names:

@@ -40,6 +40,7 @@ from UniversalSegLib.catalog import model_class_indices, rows_for
 from UniversalSegLib.checkpoints import save_checkpoint
 from UniversalSegLib.errors import InputError
 from UniversalSegLib.inferer import SlidingWindowSegmenter
+from UniversalSegLib.networks.universal_model import UniversalModel
 
 from .config import TrainingConfig
 from .datasets import CaseSpec, collect_cases, load_catalog, split_cases
@@ -156,6 +157,7 @@ def dice_scores(
     from monai.metrics import compute_dice
 
     model = unwrap(model)
+    assert isinstance(model, UniversalModel)
     was_training = model.training
     model.eval()
     out: dict[str, list[float]] = {}
@@ -344,6 +346,60 @@ def fit(
         cleanup(ctx)
 
 
+def _resume_state(resume, out: Path, config: TrainingConfig, ctx: DistributedContext) -> dict | None:
+    """The training state to continue from (``resume``: True/"auto" = the run folder's newest, or a path), or None for
+    a fresh run; a fresh run refuses a folder that already holds states."""
+    if not resume:
+        if latest_state(out) is not None:
+            raise InputError(
+                f"{out} already holds training states; pass --resume to continue, or choose another --output"
+            )
+        return None
+    path = latest_state(out) if resume in (True, "auto") else Path(resume)
+    if path is None:
+        return None
+    state = read_state(path)
+    if ctx.is_main:
+        logger.warning("resuming from %s (step %d)", path, state["step"])
+        if state.get("config_digest") != config.digest():
+            logger.warning("the config differs from the one this state was trained with; continuing with the new one")
+    return state
+
+
+def _optimiser(model: torch.nn.Module, tr) -> tuple[list, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """(trainable parameters, AdamW with the head-generating modules at ``lr * head_lr_scale``, warm-up + cosine
+    schedule) for the TrainingSection ``tr``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InputError("every parameter is frozen (model.freeze); nothing to train")
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in HEAD_GENERATORS]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in HEAD_GENERATORS]
+    groups = [
+        g for g in ({"params": body, "lr": tr.lr}, {"params": head, "lr": tr.lr * tr.head_lr_scale}) if g["params"]
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=tr.lr, weight_decay=tr.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, tr.warmup_steps, tr.max_steps, tr.min_lr_ratio)
+    )
+    return params, optimizer, scheduler
+
+
+def _restore_progress(
+    state: dict, optimizer, scheduler, scaler, ctx: DistributedContext
+) -> tuple[int, dict[str, dict[str, float]], dict[str, Any]]:
+    """Put a resumed state's optimiser, schedule, scaler and this rank's random generators back; (step, validation
+    history, best)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rngs = state.get("rng") or []
+    if ctx.rank < len(rngs):
+        _set_rng_state(rngs[ctx.rank])
+    best = dict(state.get("best") or {"mean": -1.0, "step": None})
+    return int(state["step"]), dict(state.get("history") or {}), best
+
+
 def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, progress: bool, command: str) -> FitResult:
     tr = config.training
     started = time.monotonic()
@@ -360,21 +416,7 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
     if not train_cases:
         raise InputError("no training cases: every case is in the validation split; set split: train on a dataset")
 
-    # --- where to start
-    state = None
-    if resume:
-        path = latest_state(out) if resume in (True, "auto") else Path(resume)
-        if path is not None:
-            state = read_state(path)
-            if ctx.is_main:
-                logger.warning("resuming from %s (step %d)", path, state["step"])
-            if state.get("config_digest") != config.digest() and ctx.is_main:
-                logger.warning(
-                    "the config differs from the one this state was trained with; continuing with the new one"
-                )
-    elif latest_state(out) is not None:
-        raise InputError(f"{out} already holds training states; pass --resume to continue, or choose another --output")
-
+    state = _resume_state(resume, out, config, ctx)
     start = build_model(config, catalog, train_cases)
     model_classes = start.classes
     if state is not None:
@@ -407,39 +449,18 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
         from monai.data import CacheDataset
 
         val_prep = preprocessing_transforms(config.spacing, config.hu_window, min_size=None, indices=False)
-        val_items = list(
-            CacheDataset([c.to_data() for c in val_cases], val_prep, cache_rate=1.0, num_workers=1, progress=False)
-        )
+        cached = CacheDataset([c.to_data() for c in val_cases], val_prep, cache_rate=1.0, num_workers=1, progress=False)
+        val_items = [cached[i] for i in range(len(cached))]
 
     # --- optimisation
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise InputError("every parameter is frozen (model.freeze); nothing to train")
-    head = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] in HEAD_GENERATORS]
-    body = [p for n, p in model.named_parameters() if p.requires_grad and n.split(".")[0] not in HEAD_GENERATORS]
-    groups = [
-        g for g in ({"params": body, "lr": tr.lr}, {"params": head, "lr": tr.lr * tr.head_lr_scale}) if g["params"]
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=tr.lr, weight_decay=tr.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tr.warmup_steps, tr.max_steps, tr.min_lr_ratio)
-    )
+    params, optimizer, scheduler = _optimiser(model, tr)
     autocast, scaler = _amp(ctx.device, tr.amp)
     loss_fn = PartialLabelLoss(tr.bce_weight, tr.dice_weight)
     step = 0
     history: dict[str, dict[str, float]] = {}
-    best = {"mean": -1.0, "step": None}
+    best: dict[str, Any] = {"mean": -1.0, "step": None}
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step = int(state["step"])
-        history = dict(state.get("history") or {})
-        best = dict(state.get("best") or best)
-        rngs = state.get("rng") or []
-        if ctx.rank < len(rngs):
-            _set_rng_state(rngs[ctx.rank])
+        step, history, best = _restore_progress(state, optimizer, scheduler, scaler, ctx)
 
     if ctx.enabled:
         ddp_kwargs: dict[str, Any] = {"device_ids": [ctx.device.index]} if ctx.device.type == "cuda" else {}
@@ -543,27 +564,25 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
                 elapsed_minutes=(time.monotonic() - started) / 60,
                 **meta_common,
             )
-            _atomic_torch_save(
-                {
-                    "format": STATE_FORMAT,
-                    "format_version": 1,
-                    "step": at,
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "model_config": model.config.to_dict(),
-                    "class_names": list(model.class_names),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else {},
-                    "rng": rngs,
-                    "config": config.to_dict(),
-                    "config_digest": config.digest(),
-                    "history": history,
-                    "best": best,
-                    "world_size": ctx.world_size,
-                    "metadata": json.dumps(meta),
-                },
-                folder / name,
-            )
+            state = {
+                "format": STATE_FORMAT,
+                "format_version": 1,
+                "step": at,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "model_config": model.config.to_dict(),
+                "class_names": list(model.class_names),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                "rng": rngs,
+                "config": config.to_dict(),
+                "config_digest": config.digest(),
+                "history": history,
+                "best": best,
+                "world_size": ctx.world_size,
+                "metadata": json.dumps(meta),
+            }
+            _atomic_torch_save(state, folder / name)
             (folder / "last.json").write_text(json.dumps({"step": at, "file": name}))
             for old in sorted(folder.glob("step_*.pt"))[: -max(1, tr.keep_checkpoints)]:
                 old.unlink(missing_ok=True)
@@ -571,6 +590,42 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
         last_ckpt_time = time.monotonic()
         last_ckpt_step = at
         barrier(ctx)
+
+    def micro_step(batch: dict) -> dict[str, float]:
+        """Forward and backward of one micro-batch (gradients accumulate); its loss terms for the log."""
+        image = batch["image"].to(ctx.device, non_blocking=True).float()
+        target = batch["label"].to(ctx.device, non_blocking=True)
+        annotated = batch["annotated"].to(ctx.device).bool()
+        # Only classes some sample annotates (or the teacher keeps) need logits: fewer heads, same loss.
+        wanted = annotated.any(0)
+        if teacher_rows:
+            wanted[teacher_rows] = True
+        rows = torch.nonzero(wanted).flatten()
+        if rows.numel() == 0:
+            rows = torch.arange(1, device=ctx.device)
+        with autocast():
+            logits = net(image, model.organ_embedding[rows])
+        sel = annotated[:, rows]
+        bce, dice = loss_fn.terms(logits, target[:, rows])
+        loss = loss_fn.reduce(bce, dice, sel)
+        bce, dice = bce.detach(), dice.detach()
+        retain = torch.zeros((), device=ctx.device)
+        if teacher is not None and tr.retain_weight > 0:
+            with torch.no_grad(), autocast():
+                t_logits = teacher(image, teacher.organ_embedding[teacher_index])
+            pos = {int(r): n for n, r in enumerate(rows.tolist())}
+            cols = [pos[r] for r in teacher_rows]
+            keep = ~annotated[:, teacher_rows]
+            retain = retention_loss(logits[:, cols], t_logits, keep)
+            loss = loss + tr.retain_weight * retain
+        scaled = loss / tr.grad_accumulation
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        return {
+            "loss": float(loss.detach()),
+            "bce": float(bce[sel].mean()) if sel.any() else 0.0,
+            "dice": float(dice[sel].mean()) if sel.any() else 0.0,
+            "retain": float(retain.detach()),
+        }
 
     at_start = config.validation.at_start if config.validation.at_start is not None else start.init != "scratch"
     if step == 0 and at_start:
@@ -581,40 +636,12 @@ def _fit(config: TrainingConfig, ctx: DistributedContext, out: Path, resume, pro
         while step < tr.max_steps:
             optimizer.zero_grad(set_to_none=True)
             for micro in range(tr.grad_accumulation):
-                batch = next(batches)
-                image = batch["image"].to(ctx.device, non_blocking=True).float()
-                target = batch["label"].to(ctx.device, non_blocking=True)
-                annotated = batch["annotated"].to(ctx.device).bool()
-                # Only classes some sample annotates (or the teacher keeps) need logits: fewer heads, same loss.
-                wanted = annotated.any(0)
-                if teacher_rows:
-                    wanted[teacher_rows] = True
-                rows = torch.nonzero(wanted).flatten()
-                if rows.numel() == 0:
-                    rows = torch.arange(1, device=ctx.device)
                 sync = micro == tr.grad_accumulation - 1 or not ctx.enabled
-                with nullcontext() if sync else net.no_sync():
-                    with autocast():
-                        logits = net(image, model.organ_embedding[rows])
-                    sel = annotated[:, rows]
-                    bce, dice = loss_fn.terms(logits, target[:, rows])
-                    loss = loss_fn.reduce(bce, dice, sel)
-                    bce, dice = bce.detach(), dice.detach()
-                    retain = torch.zeros((), device=ctx.device)
-                    if teacher is not None and tr.retain_weight > 0:
-                        with torch.no_grad(), autocast():
-                            t_logits = teacher(image, teacher.organ_embedding[teacher_index])
-                        pos = {int(r): n for n, r in enumerate(rows.tolist())}
-                        cols = [pos[r] for r in teacher_rows]
-                        keep = ~annotated[:, teacher_rows]
-                        retain = retention_loss(logits[:, cols], t_logits, keep)
-                        loss = loss + tr.retain_weight * retain
-                    scaled = loss / tr.grad_accumulation
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                interval["loss"] += float(loss.detach())
-                interval["bce"] += float(bce[sel].mean()) if sel.any() else 0.0
-                interval["dice"] += float(dice[sel].mean()) if sel.any() else 0.0
-                interval["retain"] += float(retain.detach())
+                ddp = net if isinstance(net, torch.nn.parallel.DistributedDataParallel) else None
+                with ddp.no_sync() if ddp is not None and not sync else nullcontext():
+                    terms = micro_step(next(batches))
+                for key, value in terms.items():
+                    interval[key] += value
                 interval["n"] += 1
             if scaler is not None:
                 scaler.unscale_(optimizer)

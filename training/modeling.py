@@ -136,7 +136,7 @@ def resolve_embeddings(
     for c in classes:
         name = catalog[c].name
         if c in table_file:
-            vectors[c], sources[name] = table_file[c], f"file {Path(file).name}"
+            vectors[c], sources[name] = table_file[c], f"file {Path(str(file)).name}"
         elif c in start_rows:
             vectors[c], sources[name] = start_rows[c], "starting checkpoint"
         elif c in upstream:
@@ -159,6 +159,7 @@ def init_head_bias(model: UniversalModel, prior: float, hidden: float = 0.1) -> 
     start_b1 = w1 + w2 + w3
     with torch.no_grad():
         bias = model.controller.bias
+        assert bias is not None  # the controller is a Conv3d with bias
         bias[start_b1 : start_b1 + b1].fill_(hidden)
         bias[start_b1 + b1 : start_b1 + b1 + b2].fill_(hidden)
         bias[start_b1 + b1 + b2] = math.log(prior / (1.0 - prior))
@@ -184,7 +185,8 @@ def model_classes(
 
 def _checkpoint_classes(model: UniversalModel, catalog: ClassCatalog) -> list[int]:
     try:
-        return model_class_indices(model, catalog)
+        # strict: every row maps to a class (or it raises), so no None is left to drop
+        return [i for i in model_class_indices(model, catalog) if i is not None]
     except ClassNameError as exc:
         raise InputError(f"the starting checkpoint: {exc} ('catalog:' in the config)") from None
 

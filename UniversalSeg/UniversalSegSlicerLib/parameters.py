@@ -65,7 +65,7 @@ class SegmentationParameters(SegmentationRequest):
         values["device"] = NODE_DEVICES[node.device]
         fast = node.quality == "fast"
         if fast:
-            del values["overlap"]  # the preset's (the slider is disabled in fast mode)
+            del values["overlap"]  # the default 0.5 (the slider is disabled in fast mode)
         return cls(**values, fast=fast, overwrite=node.overwrite)
 
     def validate(self, catalog: ClassCatalog | None = None) -> None:
