@@ -547,9 +547,9 @@ def test_sigterm_during_the_run_exits_143_and_leaves_nothing(slab, tmp_path, tin
         "import os, signal, sys\n"
         "from UniversalSegLib import cli\n"
         "call = cli._Progress.__call__\n"
-        "def kill_at_first_window(self, fraction, stage):\n"
-        "    call(self, fraction, stage)\n"
-        "    if stage.startswith('window'): os.kill(os.getpid(), signal.SIGTERM)\n"
+        "def kill_at_first_window(self, message):\n"
+        "    call(self, message)\n"
+        "    if message.stage == 'windows': os.kill(os.getpid(), signal.SIGTERM)\n"
         "cli._Progress.__call__ = kill_at_first_window\n"
         "sys.exit(cli.main())\n"
     )

@@ -215,6 +215,12 @@ CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "univers
         ("=3", "--set expects section.key=value"),
         ("augmentation.crop_centres=organs", "crop_centres must be"),
         ("training.no_such_key=1", "no_such_key"),
+        # a wrongly typed value is named, not a TypeError traceback
+        ("training.lr=x", "config: training.lr must be a number, got 'x'"),
+        ("training.max_steps=1.5", "training.max_steps must be a whole number"),
+        ("augmentation.flip_prob=true", "augmentation.flip_prob must be a number"),
+        ("model.width=[12]", "model.width must be a whole number"),
+        ("model.architecture=[unet]", "model.architecture must be a string"),
     ],
 )
 def test_set_errors_are_one_line_and_exit_2(capsys, item, message):
@@ -223,6 +229,11 @@ def test_set_errors_are_one_line_and_exit_2(capsys, item, message):
     assert main(["check", str(CONFIG), "--headers-only", "--set", item]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_yaml_exponent_without_a_dot_is_a_number():
+    """PyYAML reads ``lr: 1e-4`` as a string; the config takes it as the number everyone means."""
+    assert load_config(CONFIG, overrides=["training.lr=1e-4"]).training.lr == pytest.approx(1e-4)
 
 
 def test_set_reaches_the_run(capsys):

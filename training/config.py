@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -237,10 +239,47 @@ class TrainingConfig:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+_KIND_WORDS = {float: "a number", int: "a whole number", bool: "true or false", str: "a string"}
+
+
+def _typed(value: Any, hint: Any, name: str) -> Any:
+    """``value`` checked against the field's scalar type ``hint`` (ints become floats where a float is meant); one
+    clear InputError otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _typed(value, option, name)
+            except InputError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # PyYAML reads 1e-4 (no dot) as a string; YAML 1.2 and every user mean the number
+            return float(value)
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (bool, str) and isinstance(value, hint):
+        return value
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a name or id YAML read as a number (name: 2024)
+    if hint in _KIND_WORDS:
+        raise InputError(f"config: {name} must be {_KIND_WORDS[hint]}, got {value!r}")
+    return value  # lists (a size may be one number for all axes), Any, paths: checked where they are used
+
+
 def _section(cls, section: str, raw: Mapping[str, Any] | None):
     raw = dict(raw or {})
     names = [f.name for f in fields(cls)]
     _reject_unknown(section, raw, names)
+    hints = typing.get_type_hints(cls)
+    raw = {k: _typed(v, hints[k], f"{section}.{k}") for k, v in raw.items()}
     try:
         return cls(**raw)
     except TypeError as exc:
