@@ -34,10 +34,8 @@ from .result import CroppedMask, ImageGeometry, SegmentationResult
 DEFAULT_OVERLAP = 0.5
 
 
-NOT_ENOUGH_GPU_MEMORY = "not enough GPU memory for this scan; try --fast, a smaller window batch, or --device cpu"
-NOT_ENOUGH_MEMORY = (
-    "not enough memory for this scan; try --fast, fewer classes, or --device cpu on a machine with more memory"
-)
+NOT_ENOUGH_GPU_MEMORY = "not enough GPU memory for this scan; try fewer classes, --window-batch 1, or --device cpu"
+NOT_ENOUGH_MEMORY = "not enough memory for this scan; try fewer classes, or a machine with more memory"
 
 
 def is_out_of_memory(exc: BaseException | None) -> bool:
@@ -71,8 +69,8 @@ def memory_errors_as_input_errors() -> Iterator[None]:
 class SegmentationOptions:
     """How to run the engine (built from a :class:`~UniversalSegLib.request.SegmentationRequest` by its
     ``to_options``, or directly by scripts). ``overlap=None`` means 0.5 (also with ``fast``); ``precision=None`` or
-    ``"auto"`` means float32, or bfloat16 with ``fast`` (the request's preset, ``request.PRESETS``). The values are checked with the request's checks
-    (:func:`~UniversalSegLib.request.check_setting`)."""
+    ``"auto"`` means float32, or bfloat16 with ``fast`` (the request's preset, ``request.PRESETS``). The values are
+    checked with the request's checks (:func:`~UniversalSegLib.request.check_setting`)."""
 
     overlap: float | None = None
     sw_batch_size: int = 1
