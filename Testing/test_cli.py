@@ -358,7 +358,7 @@ def test_not_enough_memory(tiny_model_path, slab, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "not enough memory" in proc.stderr and "--fast" in proc.stderr
+    assert "not enough memory" in proc.stderr and "fewer classes" in proc.stderr
     assert not (tmp_path / "o.nii.gz").exists()
 
 
