@@ -16,6 +16,10 @@ from .errors import CheckpointError, ClassNameError, DownloadError, InputError, 
 
 def __getattr__(name: str):
     # Heavy modules (torch, MONAI) load on first use, so `universalseg classes` and the Slicer GUI start fast.
+    if name in ("load_model", "load_checkpoint", "save_checkpoint", "segment", "Engine", "SegmentationOptions"):
+        from .monai_import import import_monai
+
+        import_monai()
     if name in ("load_model", "load_checkpoint", "save_checkpoint"):
         from . import checkpoints
 

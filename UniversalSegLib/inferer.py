@@ -56,6 +56,8 @@ HEAD_CHUNK_VOXELS = 32768
 
 #: Called with (windows done, windows in all) before the first window and after each.
 WindowProgress = Callable[[int, int], None]
+#: A box of voxels, ``((x0, x1), (y0, y1), (z0, z1))``, half-open index ranges on a volume's grid.
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
 class Cancelled(Exception):
@@ -95,6 +97,7 @@ class WindowLayout:
     pad: tuple[tuple[int, int], ...]
     roi_size: tuple[int, int, int]
     starts: np.ndarray
+    interval: tuple[int, int, int] = (1, 1, 1)  # between neighbouring windows' starts
 
     @classmethod
     def of(cls, image_shape: Sequence[int], roi_size: Sequence[int] = ROI_SIZE, overlap: float = 0.5) -> "WindowLayout":
@@ -108,10 +111,34 @@ class WindowLayout:
         starts = np.asarray(
             [[sl.start for sl in window] for window in dense_patch_slices(padded, roi, interval)], dtype=np.int64
         )
-        return cls(image_shape, padded, pad, roi, starts)  # type: ignore[arg-type]
+        return cls(image_shape, padded, pad, roi, starts, tuple(interval))  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self.starts)
+
+    @property
+    def core_inset(self) -> tuple[int, int, int]:
+        """Per axis, how far a window's *core* lies inside its sides: the cores of neighbouring windows still meet,
+        so every voxel is in some window's core ((roi - interval) // 2; 0 without overlap)."""
+        x, y, z = ((r - i) // 2 for r, i in zip(self.roi_size, self.interval))
+        return x, y, z
+
+    def touching(self, boxes: Sequence[Box | None], inset: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+        """Bool (N,): which windows reach at least one of ``boxes`` (on the unpadded image grid; ``None``: the whole
+        image) with the part of the window ``inset`` voxels inside its sides. With ``inset`` 0 every window that
+        reaches a voxel of a box is among them, so blending only these windows gives every voxel of the boxes the
+        value of the full run; with ``inset`` d, every voxel at least d inside a box."""
+        if not boxes or any(b is None for b in boxes):
+            return np.ones(len(self.starts), dtype=bool)
+        before = np.asarray([p[0] for p in self.pad])
+        roi = np.asarray(self.roi_size)
+        hit = np.zeros(len(self.starts), dtype=bool)
+        for box in boxes:
+            assert box is not None
+            lo = np.asarray([a for a, _ in box]) + before
+            hi = np.asarray([b for _, b in box]) + before
+            hit |= np.all((self.starts + inset < hi) & (self.starts + roi - inset > lo), axis=1)
+        return hit
 
 
 def count_windows(spatial_shape: Sequence[int], roi_size: Sequence[int] = ROI_SIZE, overlap: float = 0.5) -> int:
@@ -468,6 +495,7 @@ class SlidingWindowSegmenter:
         architecture = getattr(getattr(model, "config", None), "architecture", "unet")
         self.backend = resolve_backend(backend, self.device, architecture, precision)
         self.windows_done = 0
+        self.windows_run = self.windows_total = 0  # of the last predict_masks (fewer run with boxes)
         self.timings: dict[str, float] = {}
         self.accumulate_dtype: torch.dtype | None = None  # of the last predict_masks band
         self._network: TorchWindowNetwork | OpenVINOWindowNetwork | None = None
@@ -549,6 +577,7 @@ class SlidingWindowSegmenter:
         *,
         stream_axis: int | None = None,
         accumulate_dtype: torch.dtype | None = None,
+        boxes: Sequence[Box | None] | None = None,
     ) -> torch.Tensor:
         """Thresholded masks of K classes: bool (K, X, Y, Z) on the CPU, ``sigmoid(blended logit) > threshold``.
 
@@ -560,6 +589,12 @@ class SlidingWindowSegmenter:
         running sums: float32 (the published arithmetic) or float16 (half the memory; each window's sum is added in
         float32 and rounded once: on the released U-Net's 32 classes about 1 voxel in 10^5 changes, Dice >= 0.9999
         per class). Default: float32 while the band fits in ``BAND_FLOAT32_BUDGET`` bytes, else float16.
+
+        ``boxes``: one :data:`Box` per class (``None``: the whole image), where that class's mask is wanted. Only the
+        windows whose core reaches a box run (:meth:`WindowLayout.touching` with the layout's ``core_inset``): a
+        class's mask equals the full run's bit for bit (the same windows, weights and sums) at least ``core_inset``
+        inside its box, is blended from the windows that ran in the rest of the box, and is False outside it.
+        ``windows_run`` and ``windows_total`` tell how many windows ran of how many.
         """
         image = image.as_tensor() if hasattr(image, "as_tensor") else image
         if image.dim() != 5 or image.shape[:2] != (1, 1):
@@ -568,9 +603,13 @@ class SlidingWindowSegmenter:
         thresholds = [float(thresholds)] * k if isinstance(thresholds, (int, float)) else [float(t) for t in thresholds]
         if len(thresholds) != k:
             raise ValueError(f"{len(thresholds)} thresholds for {k} classes")
+        if boxes is not None and len(boxes) != k:
+            raise ValueError(f"{len(boxes)} boxes for {k} classes")
         layout = WindowLayout.of(image.shape[2:], self.roi_size, self.overlap)
         axis = int(np.argmax(layout.padded_shape)) if stream_axis is None else int(stream_axis)
-        self._start(len(layout))
+        run = np.flatnonzero(layout.touching(boxes or [], layout.core_inset))
+        self.windows_total, self.windows_run = len(layout), len(run)
+        self._start(len(run))
         embeddings = class_embeddings.to(self.device, torch.float32)
         # Blending happens where the network runs (a GPU blends far faster than the CPU it would wait for).
         work = self.device if self.device.type == "cuda" else torch.device("cpu")
@@ -604,7 +643,7 @@ class SlidingWindowSegmenter:
             shape = list(layout.padded_shape)
             shape[axis] = b - a
             total = torch.zeros(shape, dtype=torch.float32, device=work)
-            for start in layout.starts:
+            for start in layout.starts[run]:
                 lo = int(start[axis])
                 if lo >= b or lo + roi_axis <= a:
                     continue
@@ -617,7 +656,8 @@ class SlidingWindowSegmenter:
 
         def finalize(stop: int) -> None:
             """Threshold the planes [band_start, stop) of the band into ``packed``."""
-            lo, hi = band_start, stop
+            # planes past the band were reached by no window that ran (a gap in the boxes): their masks stay False
+            lo, hi = band_start, min(stop, band_start + roi_axis)
             # the part of [lo, hi) inside the unpadded image, in padded coordinates
             before = layout.pad[axis][0]
             a, b = max(lo, before), min(hi, before + layout.image_shape[axis])
@@ -647,8 +687,9 @@ class SlidingWindowSegmenter:
             band.narrow(axis + 1, max(keep, 0), min(d, roi_axis)).zero_()  # noqa: F821
             band_start = new_start
 
-        order = np.argsort(layout.starts[:, axis], kind="stable")  # MONAI's order within each band position
-        groups = np.split(order, np.flatnonzero(np.diff(layout.starts[order, axis])) + 1)
+        # MONAI's order within each band position (of the windows that run; the count map keeps them all)
+        order = run[np.argsort(layout.starts[run, axis], kind="stable")]
+        groups = np.split(order, np.flatnonzero(np.diff(layout.starts[order, axis])) + 1) if len(order) else []
         with torch.inference_mode():
             for group in groups:
                 shift(int(layout.starts[group[0], axis]))
@@ -657,7 +698,7 @@ class SlidingWindowSegmenter:
                     windows = torch.stack([volume[_window_slices(layout.starts[i], layout.roi_size)] for i in batch])[
                         :, None
                     ]
-                    logits = self._run_network(windows, embeddings, len(layout)).to(work, torch.float32)
+                    logits = self._run_network(windows, embeddings, len(run)).to(work, torch.float32)
                     for n, i in enumerate(batch):
                         start = layout.starts[i].copy()
                         start[axis] -= band_start
@@ -673,6 +714,12 @@ class SlidingWindowSegmenter:
         del band, volume
         self.release()
         masks = np.unpackbits(packed, axis=pack_axis + 1, count=layout.image_shape[pack_axis]).view(np.bool_)
+        for c, box in enumerate(boxes or []):
+            if box is not None:  # outside its box a class saw only some of its windows
+                region = (c,) + tuple(slice(a, b) for a, b in box)
+                inside = masks[region].copy()
+                masks[c] = False
+                masks[region] = inside
         self.timings["blend"] = perf_counter() - t_blend - self.timings["network"]
         return torch.from_numpy(masks)
 

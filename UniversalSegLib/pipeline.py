@@ -23,11 +23,18 @@ from .catalog import ClassCatalog, ClassInfo, model_class_indices, rows_for
 from .checkpoints import load_model, resolve_device
 from .errors import ClassNameError, InputError, UniversalSegError
 from .imageio import check_ct_intensities, read_image
-from .inferer import ROI_SIZE, Cancelled, SlidingWindowSegmenter, count_windows
+from .inferer import ROI_SIZE, Cancelled, SlidingWindowSegmenter, WindowLayout
 from .networks.universal_model import UniversalModel
-from .postprocess import PostprocessOptions, dependencies, postprocess, steps_for_model
+from .postprocess import (
+    LARGEST_COMPONENT_CLASSES,
+    PostprocessOptions,
+    dependencies,
+    postprocess,
+    steps_for_model,
+)
 from .preprocessing import HU_WINDOW, TARGET_SPACING_MM, Preprocessed, preprocess
 from .progress import STAGES, Progress, ProgressCallback
+from .region import RegionReport, locate, margin_voxels, predict_masks_in_boxes, worth_it
 from .request import PRESETS, check_setting
 from .result import CroppedMask, ImageGeometry, SegmentationResult
 
@@ -84,6 +91,7 @@ class SegmentationOptions:
     spacing: tuple[float, float, float] | None = None  # None: the model's (see model_preprocessing)
     backend: str = "auto"  # what runs the windows: auto, torch or openvino (see inferer.resolve_backend)
     precision: str | None = None  # of the backbone: auto, float32 or bfloat16 (where the CPU has it natively)
+    region: bool = True  # full-resolution windows only where the requested classes are (UniversalSegLib.region)
 
     @property
     def effective_overlap(self) -> float:
@@ -303,15 +311,29 @@ class Engine:
         # Published rule: a voxel belongs to the class when sigmoid(blended logit) is strictly above the threshold.
         # The segmenter thresholds slab by slab, never holding float maps of the whole volume.
         thresholds = [opts.class_thresholds.get(index, opts.threshold) for index in channel_classes]
-        stacked = segmenter.predict_masks(pre.image[None], torch.stack(embeddings), thresholds)
+        volume, class_embeddings = pre.image[None], torch.stack(embeddings)
+        layout = WindowLayout.of(pre.shape, grid.roi_size, overlap)
+        region = self._plan_region(layout, volume, class_embeddings, channel_classes, spacing, cancel)
+        if region.used:
+            boxes = [region.boxes[index] for index in channel_classes]
+            run = predict_masks_in_boxes(
+                segmenter, volume, class_embeddings, thresholds, boxes, margin_voxels(layout, spacing)
+            )
+            stacked, region.windows_run, network = run.masks, run.windows, run.network_seconds
+            region.boxes = dict(zip(channel_classes, run.boxes))
+            region.regrown = [channel_classes[c] for c in run.regrown]
+        else:
+            stacked = segmenter.predict_masks(volume, class_embeddings, thresholds)
+            region.windows_run, network = segmenter.windows_run, segmenter.timings.get("network", 0.0)
         masks: dict[int, np.ndarray] = {
             index: stacked[channel].numpy() for channel, index in enumerate(channel_classes)
         }
         del stacked
         timings["windows"] = time.perf_counter() - t
         # Parts of the windows stage, for the summary (not added to the total).
-        timings["windows_network"] = segmenter.timings.get("network", 0.0)
+        timings["windows_network"] = network
         timings["windows_setup"] = segmenter.timings.get("setup", 0.0)
+        timings["windows_locate"] = region.seconds
         return Prediction(
             image_geometry=ImageGeometry.of(image),
             preprocessed=pre,
@@ -320,7 +342,8 @@ class Engine:
             computed=needed,
             experimental=extra_indices,
             overlap=overlap,
-            windows=count_windows(pre.shape, roi_size=grid.roi_size, overlap=overlap),
+            windows=len(layout),
+            region=region,
             spacing=spacing,
             roi_size=grid.roi_size,
             timings=timings,
@@ -329,6 +352,48 @@ class Engine:
             precision=segmenter.effective_precision,
             accumulation=str(segmenter.accumulate_dtype).replace("torch.", ""),
         )
+
+    def _plan_region(
+        self,
+        layout: WindowLayout,
+        volume: torch.Tensor,
+        class_embeddings: torch.Tensor,
+        channel_classes: Sequence[int],
+        spacing: Sequence[float],
+        cancel: Callable[[], bool] | None,
+    ) -> RegionReport:
+        """Whether the region step runs, and with which boxes (by class index; see UniversalSegLib.region).
+        ``channel_classes``: the class index of each row of ``class_embeddings`` (experimental ones included)."""
+        report = RegionReport(False, "", windows_full=len(layout))
+        if not self.options.region:
+            report.reason = "switched off (--no-roi)"
+        elif len(channel_classes) > len(self.catalog) // 2:
+            report.reason = "more than half the catalog's classes are computed (together they span the trunk)"
+        elif len(layout) <= 2:
+            report.reason = "the scan is only one or two windows"
+        if report.reason:
+            return report
+        post = self.postprocess_options()
+        keeps_largest = set(LARGEST_COMPONENT_CLASSES) if post.enabled and post.largest_component else set()
+        t = time.perf_counter()
+        boxes, report.locate_windows = locate(
+            self.model,
+            volume,
+            class_embeddings,
+            margin_voxels(layout, spacing),
+            roi_size=layout.roi_size,
+            keeps_largest=[c in keeps_largest for c in channel_classes],
+            device=self.device,
+            backend=self.options.backend,
+            cancel=cancel,
+        )
+        report.seconds = time.perf_counter() - t
+        report.boxes = dict(zip(channel_classes, boxes))
+        if worth_it(layout, boxes):
+            report.used, report.reason = True, "the requested classes were located"
+        else:
+            report.reason = "the requested classes reach most of the scan"
+        return report
 
     def finish(
         self,
@@ -393,6 +458,7 @@ class Engine:
                 "window_size": list(prediction.roi_size),
                 "preprocessed_shape": list(prediction.preprocessed.shape),
                 "windows": prediction.windows,
+                "region": prediction.region.to_json(),
                 "computed_classes": prediction.computed,
             },
             prompt_report=list(prompt_report or []),
@@ -422,6 +488,7 @@ class Prediction:
     accumulation: str = "float32"  # storage of the blending band: "float16" for large class x volume products
     spacing: tuple[float, float, float] = TARGET_SPACING_MM  # of the preprocessed grid (mm)
     roi_size: tuple[int, int, int] = ROI_SIZE  # sliding-window size (voxels)
+    region: RegionReport = field(default_factory=lambda: RegionReport(False, "not planned"))
 
 
 def _experimental_class(index: int, text: str, catalog: ClassCatalog) -> ClassInfo:

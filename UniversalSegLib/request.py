@@ -156,6 +156,13 @@ class SegmentationRequest:
         message="window batch size must be at least 1, got {value}",
         help="windows per network call (default 1)",
     )
+    region: bool = _setting(
+        True,
+        flag="--no-roi",
+        group=_GROUP_RUN,
+        help="run the full-resolution windows over the whole scan, not only where a coarse pass of the model located "
+        "the requested classes (the masks are the same; see README, Performance)",
+    )
     postprocess: bool = _setting(
         True, flag="--no-postprocess", group=_GROUP_POST, postprocess="enabled", help="switch off all post-processing"
     )
@@ -277,6 +284,7 @@ class SegmentationRequest:
             class_thresholds=self.class_threshold_indices(),
             postprocess=self.postprocess_options(),
             backend=self.backend,
+            region=self.region,
             **extra,
         )
 

@@ -48,6 +48,14 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
+def print_report(document: dict, out: Path | None) -> None:
+    """Print a benchmark's JSON document, and write it to ``out`` when given."""
+    text = json.dumps(document, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -149,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "presets_keeping_dice_0.95": [k for k, v in lowest.items() if v is not None and v >= 0.95],
         "bfloat16_at_overlap_0.5_keeps_0.995": (lowest.get("overlap 0.5 / bfloat16") or 0.0) >= 0.995,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print_report(report, args.out)
     return 0
 
 

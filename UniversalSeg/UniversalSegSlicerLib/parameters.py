@@ -32,7 +32,16 @@ PARAMETER_NODE_FIELDS: dict[str, str] = {
 NODE_DEVICES: dict[str, str] = {"auto": "auto", "gpu": "cuda", "cpu": "cpu"}
 #: Request fields the module's panel does not show (they keep their defaults; precision follows ``quality``).
 NOT_IN_GUI: frozenset[str] = frozenset(
-    {"backend", "precision", "class_thresholds", "window_batch", "filter_small_tumors", "separate_lungs", "fill_holes"}
+    {
+        "backend",
+        "precision",
+        "class_thresholds",
+        "window_batch",
+        "region",
+        "filter_small_tumors",
+        "separate_lungs",
+        "fill_holes",
+    }
 )
 
 
