@@ -79,6 +79,19 @@ TABLE = [
     ("right femoral head", ["Right Head of Femur"]),
     ("lt femoral head", ["Left Head of Femur"]),
     ("left kidney tumour", ["Kidney Tumor"]),  # the tumour class covers both kidneys
+    # coordinated laterality (how reports and requests word both sides)
+    ("right and left kidney", K),
+    ("left and right kidneys", K),
+    ("right & left adrenal glands", ["Right Adrenal Gland", "Left Adrenal Gland"]),
+    ("left + right lung", ["Right Lung", "Left Lung"]),
+    ("kidney, left and right", K),
+    ("adrenal glands, bilateral", ["Right Adrenal Gland", "Left Adrenal Gland"]),
+    ("kidneys bilaterally", K),
+    ("right and left femoral heads", ["Left Head of Femur", "Right Head of Femur"]),
+    ("liver, right & left kidney", ["Right Kidney", "Left Kidney", "Liver"]),
+    ("liver and right kidney", ["Right Kidney", "Liver"]),  # "and" between two structures still separates them
+    ("right kidney and left adrenal gland", ["Right Kidney", "Left Adrenal Gland"]),
+    ("right and left", REJECT),  # sides with no structure
     # plurals and groups
     ("kidneys", K),
     ("both kidneys", K),

@@ -69,7 +69,7 @@ METHODS = ("exact", "synonym", "group", "fuzzy", "clip", "experimental", "reject
 
 _LEFT = {"left", "l", "lt", "lft", "sinistra", "sinister"}
 _RIGHT = {"right", "r", "rt", "rgt", "dextra", "dexter"}
-_BOTH = {"both", "bilateral", "bilat", "bl", "b l", "paired"}
+_BOTH = {"both", "bilateral", "bilaterally", "bilat", "bl", "b l", "paired"}
 # Words that carry no anatomy: dropped before matching ("please segment the liver" -> "liver").
 _FILLER = {
     "the",
@@ -96,8 +96,9 @@ _FILLER = {
     "of the",
     "also",
 }
-_HARD_SPLIT = re.compile(r"[,;\n\r&+]+")
-_AND_SPLIT = re.compile(r"\s+(?:and|und|et)\s+", flags=re.IGNORECASE)
+#: Between list items: , ; and new lines. Within an item: & + and "and" (which may join side words to a structure).
+_LIST_SPLIT = re.compile(r"[,;\n\r]+")
+_CONNECTOR_SPLIT = re.compile(r"\s*[&+]\s*|\s+(?:and|und|et)\s+", flags=re.IGNORECASE)
 
 
 def _group_words(cat: ClassCatalog) -> dict[str, tuple[int, ...]]:
@@ -365,8 +366,37 @@ class PromptResolution:
 
 
 # ------------------------------------------------------------------------------------------------------- resolution
+def _is_side(part: str) -> bool:
+    """True for a part that is only side words: "right", "left and right", "bilat"."""
+    words = _canon(part).split()
+    return bool(words) and set(words) <= {"left", "right", "both"}
+
+
+def _join_sides(parts: list[str]) -> list[str]:
+    """Side words split off by "and" go with the next part ("right and left kidney" -> "right left kidney": both),
+    or, at the end, with the one before ("left kidney and right")."""
+    out: list[str] = []
+    pending = ""
+    for part in parts:
+        if _is_side(part):
+            pending = f"{pending} {part}".strip()
+            continue
+        out.append(f"{pending} {part}".strip() if pending else part)
+        pending = ""
+    if pending:
+        if out and not _is_side(out[-1]):
+            out[-1] = f"{out[-1]} {pending}"
+        else:
+            out.append(pending)
+    return out
+
+
 def split_prompt(text: str | Sequence[str], catalog: ClassCatalog | None = None) -> list[str]:
-    """Prompt -> items, split at , ; new line & + and "and" (kept together when the whole phrase is a name)."""
+    """Prompt -> items, split at , ; new line & + and "and" (kept together when the whole phrase is a name).
+
+    Laterality: side words joined by "and" go with the structure ("right and left kidney", "left & right adrenal
+    glands": both sides); a side after a comma belongs to the item before it ("Kidney, right"; "kidney, left and
+    right")."""
     vocab = _vocabulary(catalog or ClassCatalog.default())
     chunks = [text] if isinstance(text, str) else list(text)
     items: list[str] = []
@@ -375,11 +405,13 @@ def split_prompt(text: str | Sequence[str], catalog: ClassCatalog | None = None)
             raise InputError(f"prompt items must be text, got {type(chunk).__name__}")
         pending_side = ""
         first_of_chunk = len(items)
-        for part in _HARD_SPLIT.split(chunk):
+        for part in _LIST_SPLIT.split(chunk):
             part = part.strip()
             if not part:
                 continue
-            if set(_canon(part).split()) <= {"left", "right", "both"} and _canon(part):
+            sides = [p for p in _CONNECTOR_SPLIT.split(part) if p.strip()]
+            if sides and all(_is_side(p) for p in sides):
+                part = " ".join(sides)
                 # "Kidney, right" (report style): the side belongs to the neighbouring item
                 if len(items) > first_of_chunk and not pending_side:
                     items[-1] = f"{items[-1]} {part}"
@@ -388,10 +420,10 @@ def split_prompt(text: str | Sequence[str], catalog: ClassCatalog | None = None)
                 continue
             if pending_side:
                 part, pending_side = f"{pending_side} {part}", ""
-            if _canon(part) in vocab.targets or not _AND_SPLIT.search(part):
+            if _canon(part) in vocab.targets or not _CONNECTOR_SPLIT.search(part):
                 items.append(part)
             else:
-                items.extend(p.strip() for p in _AND_SPLIT.split(part) if p.strip())
+                items.extend(_join_sides([p.strip() for p in _CONNECTOR_SPLIT.split(part) if p.strip()]))
         if pending_side:  # a side word with nothing to attach to stays an item (and is rejected)
             items.append(pending_side)
     return items
