@@ -613,86 +613,23 @@ class SlidingWindowSegmenter:
         embeddings = class_embeddings.to(self.device, torch.float32)
         # Blending happens where the network runs (a GPU blends far faster than the CPU it would wait for).
         work = self.device if self.device.type == "cuda" else torch.device("cpu")
-        weights = gaussian_weight_map_monai090(layout.roi_size).to(work)
         t_blend = perf_counter()
 
         volume = image[0, 0].to("cpu", torch.float32)  # a view when already float32 on the CPU
         if any(p != (0, 0) for p in layout.pad):
             volume = F.pad(volume, [v for p in reversed(layout.pad) for v in p], mode="constant", value=0.0)
-
-        # Finished masks are kept bit-packed (1 bit per voxel) along an axis the band does not move along, and
-        # unpacked once the band and the network's working memory are gone.
-        pack_axis = 2 if axis != 2 else 1
-        packed_shape = list(layout.image_shape)
-        packed_shape[pack_axis] = (packed_shape[pack_axis] + 7) // 8
-        packed = np.zeros((k, *packed_shape), dtype=np.uint8)
-        roi_axis = layout.roi_size[axis]
-        band_shape = list(layout.padded_shape)
-        band_shape[axis] = roi_axis
         if accumulate_dtype is None:
-            accumulate_dtype = (
-                torch.float32 if 4 * k * int(np.prod(band_shape)) <= BAND_FLOAT32_BUDGET else torch.float16
-            )
+            band_voxels = int(np.prod(layout.padded_shape)) // layout.padded_shape[axis] * layout.roi_size[axis]
+            accumulate_dtype = torch.float32 if 4 * k * band_voxels <= BAND_FLOAT32_BUDGET else torch.float16
         self.accumulate_dtype = accumulate_dtype
-        band = torch.zeros((k, *band_shape), dtype=accumulate_dtype, device=work)
-        exact = accumulate_dtype == torch.float32
-        band_start = 0  # padded coordinate of the band's first plane
+        band = _BlendBand(layout, axis, layout.starts[run], thresholds, accumulate_dtype, work)
 
-        def weight_sum(a: int, b: int) -> torch.Tensor:
-            """MONAI's count map (sum of the window weights) over the padded planes [a, b), in MONAI's window order."""
-            shape = list(layout.padded_shape)
-            shape[axis] = b - a
-            total = torch.zeros(shape, dtype=torch.float32, device=work)
-            for start in layout.starts[run]:
-                lo = int(start[axis])
-                if lo >= b or lo + roi_axis <= a:
-                    continue
-                target = list(_window_slices(start, layout.roi_size))
-                target[axis] = slice(max(lo, a) - a, min(lo + roi_axis, b) - a)
-                source = [slice(None)] * 3
-                source[axis] = slice(max(lo, a) - lo, min(lo + roi_axis, b) - lo)
-                total[tuple(target)] += weights[tuple(source)]
-            return total
-
-        def finalize(stop: int) -> None:
-            """Threshold the planes [band_start, stop) of the band into ``packed``."""
-            # planes past the band were reached by no window that ran (a gap in the boxes): their masks stay False
-            lo, hi = band_start, min(stop, band_start + roi_axis)
-            # the part of [lo, hi) inside the unpadded image, in padded coordinates
-            before = layout.pad[axis][0]
-            a, b = max(lo, before), min(hi, before + layout.image_shape[axis])
-            if a >= b:
-                return
-            den = weight_sum(a, b)
-            inner = [slice(p[0], p[0] + s) for p, s in zip(layout.pad, layout.image_shape)]
-            inner[axis] = slice(None)
-            target = [slice(None)] * 3
-            target[axis] = slice(a - before, b - before)
-            for c in range(k):
-                # F821 suppressed (here and in shift): ruff sees the ``del band`` below; the closures all run before it
-                num = band[c].narrow(axis, a - lo, b - a).float()  # noqa: F821
-                # The published rule on MONAI's blended output: sigmoid(sum(w * logit) / sum(w)) > threshold.
-                mask = (torch.sigmoid(num / den) > thresholds[c])[tuple(inner)]
-                packed[c][tuple(target)] = np.packbits(mask.cpu().numpy(), axis=pack_axis)
-
-        def shift(new_start: int) -> None:
-            nonlocal band_start
-            d = new_start - band_start
-            if d <= 0:
-                return
-            finalize(new_start)
-            keep = roi_axis - d
-            for i in range(max(keep, 0)):  # plane by plane, front to back: source planes are read before overwritten
-                band.select(axis + 1, i).copy_(band.select(axis + 1, i + d))  # noqa: F821
-            band.narrow(axis + 1, max(keep, 0), min(d, roi_axis)).zero_()  # noqa: F821
-            band_start = new_start
-
-        # MONAI's order within each band position (of the windows that run; the count map keeps them all)
+        # MONAI's order within each band position (of the windows that run)
         order = run[np.argsort(layout.starts[run, axis], kind="stable")]
         groups = np.split(order, np.flatnonzero(np.diff(layout.starts[order, axis])) + 1) if len(order) else []
         with torch.inference_mode():
             for group in groups:
-                shift(int(layout.starts[group[0], axis]))
+                band.move_to(int(layout.starts[group[0], axis]))
                 for first in range(0, len(group), self.sw_batch_size):
                     batch = group[first : first + self.sw_batch_size]
                     windows = torch.stack([volume[_window_slices(layout.starts[i], layout.roi_size)] for i in batch])[
@@ -700,20 +637,11 @@ class SlidingWindowSegmenter:
                     ]
                     logits = self._run_network(windows, embeddings, len(run)).to(work, torch.float32)
                     for n, i in enumerate(batch):
-                        start = layout.starts[i].copy()
-                        start[axis] -= band_start
-                        # MONAI: buffer *= weights, output[window] += buffer (same float32 operations)
-                        target = band[(slice(None),) + _window_slices(start, layout.roi_size)]
-                        if exact:
-                            target += logits[n].mul_(weights)
-                        else:  # add in float32, round once; class by class keeps the float32 temporaries small
-                            weighted = logits[n].mul_(weights)
-                            for c in range(k):
-                                target[c].copy_(target[c].float() + weighted[c])
-            finalize(layout.padded_shape[axis])
-        del band, volume
+                        band.add(layout.starts[i], logits[n])
+            del volume
+            masks = band.finish()  # frees the band's sums before unpacking
+        del band
         self.release()
-        masks = np.unpackbits(packed, axis=pack_axis + 1, count=layout.image_shape[pack_axis]).view(np.bool_)
         for c, box in enumerate(boxes or []):
             if box is not None:  # outside its box a class saw only some of its windows
                 region = (c,) + tuple(slice(a, b) for a, b in box)
@@ -722,6 +650,110 @@ class SlidingWindowSegmenter:
                 masks[region] = inside
         self.timings["blend"] = perf_counter() - t_blend - self.timings["network"]
         return torch.from_numpy(masks)
+
+
+class _BlendBand:
+    """MONAI's Gaussian blending, one window-thick band at a time (:meth:`SlidingWindowSegmenter.predict_masks`).
+
+    ``sums`` (K, band) holds the weighted logits of the planes [start, start + roi) of the padded volume along
+    ``axis``; windows are added in MONAI's order, and when the band moves on, the planes it leaves are final: their
+    ``sigmoid(sum(w * logit) / sum(w)) > threshold`` is stored bit-packed (1 bit per voxel, along ``pack_axis``, an
+    axis the band does not move along). ``starts``: the first voxels (padded) of the windows that run; the count map
+    sums their weights. float16 ``sums`` add each window in float32 and round once.
+    """
+
+    def __init__(
+        self,
+        layout: WindowLayout,
+        axis: int,
+        starts: np.ndarray,
+        thresholds: Sequence[float],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.layout, self.axis, self.starts, self.thresholds = layout, axis, starts, list(thresholds)
+        self.roi_axis = layout.roi_size[axis]
+        self.weights = gaussian_weight_map_monai090(layout.roi_size).to(device)
+        self.device = device
+        shape = list(layout.padded_shape)
+        shape[axis] = self.roi_axis
+        self.sums = torch.zeros((len(self.thresholds), *shape), dtype=dtype, device=device)
+        self.exact = dtype == torch.float32
+        self.start = 0  # padded coordinate of the band's first plane
+        self.pack_axis = 2 if axis != 2 else 1
+        packed = list(layout.image_shape)
+        packed[self.pack_axis] = (packed[self.pack_axis] + 7) // 8
+        self.packed = np.zeros((len(self.thresholds), *packed), dtype=np.uint8)
+
+    def add(self, start: np.ndarray, logits: torch.Tensor) -> None:
+        """Add one window's logits (K, *roi), float32, whose first voxel (padded) is ``start``; modifies ``logits``."""
+        local = start.copy()
+        local[self.axis] -= self.start
+        # MONAI: buffer *= weights, output[window] += buffer (same float32 operations)
+        target = self.sums[(slice(None),) + _window_slices(local, self.layout.roi_size)]
+        weighted = logits.mul_(self.weights)
+        if self.exact:
+            target += weighted
+        else:  # class by class keeps the float32 temporaries small
+            for c in range(len(self.thresholds)):
+                target[c].copy_(target[c].float() + weighted[c])
+
+    def move_to(self, new_start: int) -> None:
+        """Move the band's first plane to ``new_start``, thresholding the planes it leaves."""
+        d = new_start - self.start
+        if d <= 0:
+            return
+        self._finalize(new_start)
+        keep = self.roi_axis - d
+        for i in range(max(keep, 0)):  # plane by plane, front to back: source planes are read before overwritten
+            self.sums.select(self.axis + 1, i).copy_(self.sums.select(self.axis + 1, i + d))
+        self.sums.narrow(self.axis + 1, max(keep, 0), min(d, self.roi_axis)).zero_()
+        self.start = new_start
+
+    def finish(self) -> np.ndarray:
+        """Threshold what is left and return the masks, bool (K, X, Y, Z) on the unpadded grid."""
+        self._finalize(self.layout.padded_shape[self.axis])
+        del self.sums
+        count = self.layout.image_shape[self.pack_axis]
+        return np.unpackbits(self.packed, axis=self.pack_axis + 1, count=count).view(np.bool_)
+
+    def _weight_sum(self, a: int, b: int) -> torch.Tensor:
+        """MONAI's count map (sum of the window weights) over the padded planes [a, b), in MONAI's window order."""
+        axis, roi_axis, layout = self.axis, self.roi_axis, self.layout
+        shape = list(layout.padded_shape)
+        shape[axis] = b - a
+        total = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        for start in self.starts:
+            lo = int(start[axis])
+            if lo >= b or lo + roi_axis <= a:
+                continue
+            target = list(_window_slices(start, layout.roi_size))
+            target[axis] = slice(max(lo, a) - a, min(lo + roi_axis, b) - a)
+            source = [slice(None)] * 3
+            source[axis] = slice(max(lo, a) - lo, min(lo + roi_axis, b) - lo)
+            total[tuple(target)] += self.weights[tuple(source)]
+        return total
+
+    def _finalize(self, stop: int) -> None:
+        """Threshold the planes [start, stop) of the band into ``packed``."""
+        axis, layout = self.axis, self.layout
+        # planes past the band were reached by no window that ran (a gap in the boxes): their masks stay False
+        lo, hi = self.start, min(stop, self.start + self.roi_axis)
+        # the part of [lo, hi) inside the unpadded image, in padded coordinates
+        before = layout.pad[axis][0]
+        a, b = max(lo, before), min(hi, before + layout.image_shape[axis])
+        if a >= b:
+            return
+        den = self._weight_sum(a, b)
+        inner = [slice(p[0], p[0] + s) for p, s in zip(layout.pad, layout.image_shape)]
+        inner[axis] = slice(None)
+        target = [slice(None)] * 3
+        target[axis] = slice(a - before, b - before)
+        for c, threshold in enumerate(self.thresholds):
+            num = self.sums[c].narrow(axis, a - lo, b - a).float()
+            # The published rule on MONAI's blended output: sigmoid(sum(w * logit) / sum(w)) > threshold.
+            mask = (torch.sigmoid(num / den) > threshold)[tuple(inner)]
+            self.packed[c][tuple(target)] = np.packbits(mask.cpu().numpy(), axis=self.pack_axis)
 
 
 def _window_slices(start: Sequence[int], roi_size: Sequence[int]) -> tuple[slice, ...]:
