@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from .errors import InputError, UniversalSegError, printable
-from .formats import IMAGE_SUFFIXES, OUTPUT_FORMATS, image_stem
+from .formats import IMAGE_SUFFIXES, OUTPUT_FORMATS, STATS_FORMATS, image_stem
 from .progress import Progress
 from .request import SegmentationRequest
 
@@ -59,6 +59,12 @@ def _add_segment_parser(sub) -> None:
         "--split-masks", metavar="DIR", help="also write one binary mask per class into DIR (<file_stem>.nii.gz)"
     )
     out.add_argument("--summary", metavar="JSON", help="write a JSON summary (volumes in mL, model, device, timings)")
+    out.add_argument(
+        "--stats",
+        choices=STATS_FORMATS,
+        help="also write per-class volume (mL), mean and median HU and uncertainty beside the output "
+        "(<output name>.stats.csv or .json)",
+    )
     batch = p.add_argument_group("batch (INPUT is a folder of scans)")
     batch.add_argument(
         "--shard", metavar="I/N", help="process only scans with index %% N == I (0-based), e.g. $SLURM_ARRAY_TASK_ID/8"
@@ -220,10 +226,11 @@ def _output_paths(args, scan: Path | None, batch: bool):
 
 def _plan_run(
     args, scans: list[Path], batch: bool, stems: Sequence[str] = ()
-) -> list[tuple[Path, Path | None, Path | None, str]]:
+) -> list[tuple[Path, Path | None, Path | None, str, Path | None]]:
     """Check every output of the run against every input and against each other, before any work starts.
 
-    Returns, per scan, (output, split-mask folder, summary, format) with the output's format suffix added."""
+    Returns, per scan, (output, split-mask folder, summary, format, statistics file) with the output's format suffix
+    added."""
     from .imageio import plan_outputs
     from .output_safety import OutputPlan
 
@@ -243,7 +250,11 @@ def _plan_run(
             dicom_source=scan if fmt == "dicom-seg" else None,
             of=scan.name if batch else None,
         )
-        planned.append((output, split, summary, fmt))
+        stats = None
+        if getattr(args, "stats", None):
+            stats = output.parent / f"{output.name[: -len(OUTPUT_SUFFIXES[fmt])]}.stats.{args.stats}"
+            plan.add(stats, f"statistics{' of ' + scan.name if batch else ''}")
+        planned.append((output, split, summary, fmt, stats))
     return planned
 
 
@@ -356,7 +367,7 @@ def cmd_segment(args) -> int:
         if args.shard:
             raise InputError("--shard applies to a folder of scans, but the input is a single scan")
         scans = [source]
-        ((output, _split, _summary, fmt),) = _plan_run(args, scans, batch)
+        ((output, _split, _summary, fmt, _stats),) = _plan_run(args, scans, batch)
         # Read and check the scan before loading the model, so a bad input fails at once.
         preloaded = _read_single_scan(args, source, output, fmt, notes, read_options, len(catalog))
 
@@ -372,7 +383,7 @@ def cmd_segment(args) -> int:
 
     failures = 0
     done = 0
-    for scan, (output, split, summary, fmt) in zip(scans, planned):
+    for scan, (output, split, summary, fmt, stats) in zip(scans, planned):
         if batch and not args.redo and output.exists() and summary and summary.exists():
             _info(args, printable(f"skip {scan.name}: {output} exists (use --redo to segment again)"))
             continue
@@ -403,6 +414,10 @@ def cmd_segment(args) -> int:
                     summary=summary,
                     dicom_source=scan if fmt == "dicom-seg" else None,
                     warnings=scan_notes,
+                    stats=stats,
+                    image=(read_image(scan, **read_options) if isinstance(image, (str, Path)) else image)
+                    if stats
+                    else None,
                 )
         except UniversalSegError as exc:
             if not batch:

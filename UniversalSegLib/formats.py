@@ -34,6 +34,10 @@ _FORMAT_ALIASES = {
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
+#: Formats of the per-class statistics table (``--stats``).
+STATS_FORMATS: tuple[str, ...] = ("csv", "json")
+
+
 def image_stem(name: str) -> str | None:
     """``name`` without its image suffix ("ct.nii.gz" -> "ct"; case-insensitive), None when it has none."""
     for suffix in IMAGE_SUFFIXES:

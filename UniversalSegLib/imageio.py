@@ -59,6 +59,7 @@ __all__ = [
     "write_split_masks",
     "write_dicom_seg",
     "write_summary",
+    "write_statistics",
     "plan_outputs",
     "write_outputs",
     "split_mask_paths",
@@ -806,6 +807,34 @@ def write_summary(
     return path
 
 
+def write_statistics(
+    result: "SegmentationResult",
+    path: str | Path,
+    image: sitk.Image,
+    *,
+    transaction: OutputTransaction | None = None,
+) -> Path:
+    """Write ``result.statistics(image)`` (per class volume, mean/median HU, uncertainty) as CSV or JSON, by the
+    suffix of ``path`` (``.csv`` / ``.json``)."""
+    import csv
+    import io
+
+    path = Path(path).expanduser()
+    _standalone_check(result, [path], transaction)
+    rows = result.statistics(image)
+    if path.name.lower().endswith(".json"):
+        text = json.dumps(rows, indent=2) + "\n"
+    else:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["index", "name"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+        text = buffer.getvalue()
+    with safe_output(path, verify_text(text), transaction) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
@@ -985,6 +1014,7 @@ def plan_outputs(
     summary: str | Path | None = None,
     dicom_source: str | Path | None = None,
     of: str | None = None,
+    stats: str | Path | None = None,
 ) -> tuple[Path, str]:
     """Check every output of one scan before any work starts, and reserve them in ``plan`` (whose ``protect`` ed inputs
     they must not be, and whose other outputs they must not collide with).
@@ -1017,6 +1047,9 @@ def plan_outputs(
     whose = f" of {printable(of)}" if of else ""
     if summary is not None:
         plan.add(summary, f"summary{whose}")
+    if stats is not None:
+        check_writable(Path(stats))
+        plan.add(stats, f"statistics{whose}")
     if split_masks is not None:
         folder = plan.add_folder(split_masks, f"split-mask folder{whose}")
         for stem in split_stems:
@@ -1034,9 +1067,11 @@ def write_outputs(
     summary: str | Path | None = None,
     dicom_source: str | Path | None = None,
     warnings: list[str] | None = None,
+    stats: str | Path | None = None,
+    image: sitk.Image | None = None,
 ) -> list[Path]:
-    """Write everything asked for: the main output (``fmt`` or from the suffix), optional split masks and summary
-    (with ``warnings`` in it).
+    """Write everything asked for: the main output (``fmt`` or from the suffix), optional split masks, summary
+    (with ``warnings`` in it) and per-class statistics (``stats``, of ``image``: the CT).
 
     First every output is checked (:func:`plan_outputs`): none may be the scan ``result`` was made from or a file of
     ``dicom_source``, and no two may be the same file. Then all files are written to temporary names and verified,
@@ -1046,11 +1081,22 @@ def write_outputs(
     plan = OutputPlan().protect(result.input_path).protect(dicom_source)
     stems = [info.file_stem for info, _mask in result] if split_masks is not None else []
     output, fmt = plan_outputs(
-        plan, output, fmt=fmt, split_masks=split_masks, split_stems=stems, summary=summary, dicom_source=dicom_source
+        plan,
+        output,
+        fmt=fmt,
+        split_masks=split_masks,
+        split_stems=stems,
+        summary=summary,
+        dicom_source=dicom_source,
+        stats=stats,
     )
+    if stats is not None and image is None:
+        raise InputError("statistics need the CT the result was made from (image=...)")
     with OutputTransaction() as txn:
         if summary is not None:
             write_summary(result, summary, transaction=txn, warnings=warnings)
+        if stats is not None and image is not None:
+            write_statistics(result, stats, image, transaction=txn)
         if split_masks is not None:
             write_split_masks(result, split_masks, transaction=txn)
         if fmt == "seg.nrrd":

@@ -496,6 +496,7 @@ class SlidingWindowSegmenter:
         self.backend = resolve_backend(backend, self.device, architecture, precision)
         self.windows_done = 0
         self.windows_run = self.windows_total = 0  # of the last predict_masks (fewer run with boxes)
+        self.uncertain: PackedMasks | None = None  # of the last predict_masks, with an uncertain_band
         self.timings: dict[str, float] = {}
         self.accumulate_dtype: torch.dtype | None = None  # of the last predict_masks band
         self._network: TorchWindowNetwork | OpenVINOWindowNetwork | None = None
@@ -578,6 +579,7 @@ class SlidingWindowSegmenter:
         stream_axis: int | None = None,
         accumulate_dtype: torch.dtype | None = None,
         boxes: Sequence[Box | None] | None = None,
+        uncertain_band: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """Thresholded masks of K classes: bool (K, X, Y, Z) on the CPU, ``sigmoid(blended logit) > threshold``.
 
@@ -595,6 +597,9 @@ class SlidingWindowSegmenter:
         class's mask equals the full run's bit for bit (the same windows, weights and sums) at least ``core_inset``
         inside its box, is blended from the windows that ran in the rest of the box, and is False outside it.
         ``windows_run`` and ``windows_total`` tell how many windows ran of how many.
+
+        ``uncertain_band`` ``(low, high)``: also keep, as ``uncertain`` (:class:`PackedMasks`), where each class's
+        probability lies strictly inside it (where the model is unsure), from the same blended values.
         """
         image = image.as_tensor() if hasattr(image, "as_tensor") else image
         if image.dim() != 5 or image.shape[:2] != (1, 1):
@@ -622,7 +627,7 @@ class SlidingWindowSegmenter:
             band_voxels = int(np.prod(layout.padded_shape)) // layout.padded_shape[axis] * layout.roi_size[axis]
             accumulate_dtype = torch.float32 if 4 * k * band_voxels <= BAND_FLOAT32_BUDGET else torch.float16
         self.accumulate_dtype = accumulate_dtype
-        band = _BlendBand(layout, axis, layout.starts[run], thresholds, accumulate_dtype, work)
+        band = _BlendBand(layout, axis, layout.starts[run], thresholds, accumulate_dtype, work, uncertain_band)
 
         # MONAI's order within each band position (of the windows that run)
         order = run[np.argsort(layout.starts[run, axis], kind="stable")]
@@ -640,6 +645,7 @@ class SlidingWindowSegmenter:
                         band.add(layout.starts[i], logits[n])
             del volume
             masks = band.finish()  # frees the band's sums before unpacking
+        self.uncertain = band.packed_masks(band.uncertain) if band.uncertain is not None else None
         del band
         self.release()
         for c, box in enumerate(boxes or []):
@@ -648,8 +654,38 @@ class SlidingWindowSegmenter:
                 inside = masks[region].copy()
                 masks[c] = False
                 masks[region] = inside
+                if self.uncertain is not None:
+                    self.uncertain.clip(c, box)
         self.timings["blend"] = perf_counter() - t_blend - self.timings["network"]
         return torch.from_numpy(masks)
+
+
+@dataclass
+class PackedMasks:
+    """K bool masks stored 1 bit per voxel (``np.packbits`` along spatial ``axis``; ``count`` voxels on it)."""
+
+    packed: np.ndarray  # uint8 (K, ...)
+    axis: int
+    count: int
+
+    def __len__(self) -> int:
+        return int(self.packed.shape[0])
+
+    def __getitem__(self, c: int) -> np.ndarray:
+        """Mask ``c``, bool (X, Y, Z)."""
+        return np.unpackbits(self.packed[c], axis=self.axis, count=self.count).view(np.bool_)
+
+    def unpack(self) -> np.ndarray:
+        """All masks, bool (K, X, Y, Z)."""
+        return np.unpackbits(self.packed, axis=self.axis + 1, count=self.count).view(np.bool_)
+
+    def clip(self, c: int, box: "Box") -> None:
+        """Clear mask ``c`` outside ``box``."""
+        mask = self[c]
+        region = tuple(slice(a, b) for a, b in box)
+        kept = np.zeros_like(mask)
+        kept[region] = mask[region]
+        self.packed[c] = np.packbits(kept, axis=self.axis)
 
 
 class _BlendBand:
@@ -670,8 +706,10 @@ class _BlendBand:
         thresholds: Sequence[float],
         dtype: torch.dtype,
         device: torch.device,
+        uncertain_band: tuple[float, float] | None = None,
     ) -> None:
         self.layout, self.axis, self.starts, self.thresholds = layout, axis, starts, list(thresholds)
+        self.uncertain_band = uncertain_band
         self.roi_axis = layout.roi_size[axis]
         self.weights = gaussian_weight_map_monai090(layout.roi_size).to(device)
         self.device = device
@@ -684,6 +722,7 @@ class _BlendBand:
         packed = list(layout.image_shape)
         packed[self.pack_axis] = (packed[self.pack_axis] + 7) // 8
         self.packed = np.zeros((len(self.thresholds), *packed), dtype=np.uint8)
+        self.uncertain = np.zeros_like(self.packed) if uncertain_band is not None else None
 
     def add(self, start: np.ndarray, logits: torch.Tensor) -> None:
         """Add one window's logits (K, *roi), float32, whose first voxel (padded) is ``start``; modifies ``logits``."""
@@ -714,8 +753,10 @@ class _BlendBand:
         """Threshold what is left and return the masks, bool (K, X, Y, Z) on the unpadded grid."""
         self._finalize(self.layout.padded_shape[self.axis])
         del self.sums
-        count = self.layout.image_shape[self.pack_axis]
-        return np.unpackbits(self.packed, axis=self.pack_axis + 1, count=count).view(np.bool_)
+        return self.packed_masks(self.packed).unpack()
+
+    def packed_masks(self, packed: np.ndarray) -> "PackedMasks":
+        return PackedMasks(packed, self.pack_axis, self.layout.image_shape[self.pack_axis])
 
     def _weight_sum(self, a: int, b: int) -> torch.Tensor:
         """MONAI's count map (sum of the window weights) over the padded planes [a, b), in MONAI's window order."""
@@ -752,8 +793,12 @@ class _BlendBand:
         for c, threshold in enumerate(self.thresholds):
             num = self.sums[c].narrow(axis, a - lo, b - a).float()
             # The published rule on MONAI's blended output: sigmoid(sum(w * logit) / sum(w)) > threshold.
-            mask = (torch.sigmoid(num / den) > threshold)[tuple(inner)]
-            self.packed[c][tuple(target)] = np.packbits(mask.cpu().numpy(), axis=self.pack_axis)
+            probability = torch.sigmoid(num / den)[tuple(inner)]
+            self.packed[c][tuple(target)] = np.packbits((probability > threshold).cpu().numpy(), axis=self.pack_axis)
+            if self.uncertain is not None and self.uncertain_band is not None:
+                low, high = self.uncertain_band
+                unsure = ((probability > low) & (probability < high)).cpu().numpy()
+                self.uncertain[c][tuple(target)] = np.packbits(unsure, axis=self.pack_axis)
 
 
 def _window_slices(start: Sequence[int], roi_size: Sequence[int]) -> tuple[slice, ...]:

@@ -23,7 +23,7 @@ from .catalog import ClassCatalog, ClassInfo, model_class_indices, rows_for
 from .checkpoints import load_model, resolve_device
 from .errors import ClassNameError, InputError, UniversalSegError
 from .imageio import check_ct_intensities, read_image
-from .inferer import ROI_SIZE, Cancelled, SlidingWindowSegmenter, WindowLayout
+from .inferer import ROI_SIZE, Cancelled, PackedMasks, SlidingWindowSegmenter, WindowLayout
 from .networks.universal_model import UniversalModel
 from .postprocess import (
     LARGEST_COMPONENT_CLASSES,
@@ -37,6 +37,7 @@ from .progress import STAGES, Progress, ProgressCallback
 from .region import RegionReport, locate, margin_voxels, predict_masks_in_boxes, worth_it
 from .request import PRESETS, check_setting
 from .result import CroppedMask, ImageGeometry, SegmentationResult
+from .uncertainty import UNCERTAIN_BAND, summarise_uncertainty
 
 DEFAULT_OVERLAP = 0.5
 
@@ -317,13 +318,19 @@ class Engine:
         if region.used:
             boxes = [region.boxes[index] for index in channel_classes]
             run = predict_masks_in_boxes(
-                segmenter, volume, class_embeddings, thresholds, boxes, margin_voxels(layout, spacing)
+                segmenter,
+                volume,
+                class_embeddings,
+                thresholds,
+                boxes,
+                margin_voxels(layout, spacing),
+                uncertain_band=UNCERTAIN_BAND,
             )
             stacked, region.windows_run, network = run.masks, run.windows, run.network_seconds
             region.boxes = dict(zip(channel_classes, run.boxes))
             region.regrown = [channel_classes[c] for c in run.regrown]
         else:
-            stacked = segmenter.predict_masks(volume, class_embeddings, thresholds)
+            stacked = segmenter.predict_masks(volume, class_embeddings, thresholds, uncertain_band=UNCERTAIN_BAND)
             region.windows_run, network = segmenter.windows_run, segmenter.timings.get("network", 0.0)
         masks: dict[int, np.ndarray] = {
             index: stacked[channel].numpy() for channel, index in enumerate(channel_classes)
@@ -344,6 +351,8 @@ class Engine:
             overlap=overlap,
             windows=len(layout),
             region=region,
+            uncertain=segmenter.uncertain,
+            channels=channel_classes,
             spacing=spacing,
             roi_size=grid.roi_size,
             timings=timings,
@@ -414,10 +423,21 @@ class Engine:
         _stage(progress, "postprocess")
         masks = dict(prediction.masks)
         masks.update(postprocess({i: m for i, m in masks.items() if i <= catalog_size}, post_opts))
+        outputs = prediction.requested + list(prediction.experimental)
+        t_uncertainty = time.perf_counter()
+        uncertainty: dict[int, dict] = {}
+        if prediction.uncertain is not None:  # on the final masks, in the model's grid (part of this stage)
+            for index in outputs:
+                uncertainty[index] = summarise_uncertainty(
+                    masks[index],
+                    prediction.uncertain[prediction.channels.index(index)],
+                    prediction.spacing,
+                    prediction.preprocessed.image.affine.numpy(),
+                )
+        timings["postprocess_uncertainty"] = time.perf_counter() - t_uncertainty
         timings["postprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        outputs = prediction.requested + list(prediction.experimental)
         cropped: dict[int, CroppedMask] = {}
         for n, index in enumerate(outputs):
             if cancel is not None and cancel():
@@ -465,6 +485,7 @@ class Engine:
             experimental=dict(prediction.experimental),
             extra_classes=extra_classes,
             input_path=prediction.input_path,
+            uncertainty=uncertainty,
         )
 
 
@@ -489,6 +510,8 @@ class Prediction:
     spacing: tuple[float, float, float] = TARGET_SPACING_MM  # of the preprocessed grid (mm)
     roi_size: tuple[int, int, int] = ROI_SIZE  # sliding-window size (voxels)
     region: RegionReport = field(default_factory=lambda: RegionReport(False, "not planned"))
+    uncertain: PackedMasks | None = None  # per channel: probability inside UNCERTAIN_BAND
+    channels: list[int] = field(default_factory=list)  # class index of each channel of ``uncertain``
 
 
 def _experimental_class(index: int, text: str, catalog: ClassCatalog) -> ClassInfo:

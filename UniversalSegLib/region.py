@@ -180,11 +180,14 @@ def predict_masks_in_boxes(
     thresholds: Sequence[float],
     boxes: list[Box | None],
     margin: Sequence[int],
+    uncertain_band: tuple[float, float] | None = None,
 ) -> RegionRun:
     """The segmenter's masks (K, X, Y, Z) with each class computed inside its box, boxes regrown until no mask
-    touches an inner side (see the module docstring)."""
+    touches an inner side (see the module docstring). With ``uncertain_band``, ``segmenter.uncertain`` holds the
+    uncertain voxels of the same runs (see ``predict_masks``)."""
     shape = tuple(int(s) for s in image.shape[2:])
-    masks = segmenter.predict_masks(image, class_embeddings, thresholds, boxes=boxes)
+    masks = segmenter.predict_masks(image, class_embeddings, thresholds, boxes=boxes, uncertain_band=uncertain_band)
+    uncertain = segmenter.uncertain
     windows, network = segmenter.windows_run, segmenter.timings["network"]
     boxes = list(boxes)
     regrown: set[int] = set()
@@ -208,12 +211,16 @@ def predict_masks_in_boxes(
             class_embeddings[channels],
             [thresholds[c] for c in channels],
             boxes=[redo[c] for c in channels],
+            uncertain_band=uncertain_band,
         )
         windows, network = windows + segmenter.windows_run, network + segmenter.timings["network"]
         for n, c in enumerate(channels):
             masks[c] = again[n]
             boxes[c] = redo[c]
+            if uncertain is not None and segmenter.uncertain is not None:
+                uncertain.packed[c] = segmenter.uncertain.packed[n]
         regrown.update(channels)
+    segmenter.uncertain = uncertain
     return RegionRun(masks, boxes, sorted(regrown), windows, network)
 
 

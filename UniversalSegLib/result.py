@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .catalog import ClassCatalog, ClassInfo
+from .errors import InputError
 
 # Overlaps in the multi-label map are resolved by painting in this order: later kinds win
 # (a tumor inside its organ shows as tumor). Within a kind, higher catalog index wins.
@@ -122,6 +123,8 @@ class SegmentationResult:
     # Classes outside the catalog (experimental free-text prompts), indexed above the catalog's range.
     extra_classes: dict[int, ClassInfo] = field(default_factory=dict)
     input_path: str | None = None
+    # Per class index: where the model was unsure (UniversalSegLib.uncertainty.summarise_uncertainty).
+    uncertainty: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[ClassInfo]:
@@ -184,6 +187,32 @@ class SegmentationResult:
                 )
         return notes
 
+    def statistics(self, image: sitk.Image) -> list[dict[str, Any]]:
+        """Per class: volume (mL), mean and median HU of ``image`` (the CT the result was made from) inside the mask,
+        and the uncertain volume and surface share (see :mod:`~UniversalSegLib.uncertainty`); HU are None for an
+        empty mask."""
+        if tuple(image.GetSize()) != tuple(self.geometry.size):
+            raise InputError(
+                f"statistics need the segmented CT: its size {image.GetSize()} is not the result's {self.geometry.size}"
+            )
+        array = sitk.GetArrayViewFromImage(image)
+        rows = []
+        for info, mask in self:
+            values = array[mask.slices()][mask.array] if mask.voxel_count else np.zeros(0)
+            unsure = self.uncertainty.get(info.index, {})
+            rows.append(
+                {
+                    "index": info.index,
+                    "name": info.name,
+                    "volume_ml": round(mask.voxel_count * self.geometry.voxel_volume_ml, 3),
+                    "mean_hu": round(float(values.mean()), 1) if values.size else None,
+                    "median_hu": round(float(np.median(values)), 1) if values.size else None,
+                    "uncertain_ml": unsure.get("uncertain_ml"),
+                    "surface_uncertain_share": unsure.get("surface_uncertain_share"),
+                }
+            )
+        return rows
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary: per-class voxel count and volume (mL), plausibility notes, model, device, settings,
         timings."""
@@ -198,6 +227,8 @@ class SegmentationResult:
                 "voxels": count,
                 "volume_ml": round(count * voxel_ml, 3),
             }
+            if info.index in self.uncertainty:
+                entry["uncertainty"] = self.uncertainty[info.index]
             if info.index in self.experimental:
                 entry["experimental"] = True
                 entry["prompt"] = self.experimental[info.index]
