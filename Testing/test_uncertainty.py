@@ -103,3 +103,11 @@ def test_stats_table_matches_the_written_masks_and_the_ct(tmp_path, fmt):
     assert float(row["mean_hu"]) == pytest.approx(float(hu.mean()), abs=0.05)
     assert float(row["median_hu"]) == pytest.approx(float(np.median(hu)), abs=0.05)
     assert float(row["uncertain_ml"]) > 0
+
+
+def test_stats_file_is_named_after_the_output_whatever_its_suffix():
+    from UniversalSegLib.formats import output_stem
+
+    assert output_stem("seg.nii", "nii") == "seg"
+    assert output_stem("seg.nii.gz", "nii") == "seg"
+    assert output_stem("case.seg.nrrd", "seg.nrrd") == "case"

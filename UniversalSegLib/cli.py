@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from .errors import InputError, UniversalSegError, printable
-from .formats import IMAGE_SUFFIXES, OUTPUT_FORMATS, STATS_FORMATS, image_stem
+from .formats import IMAGE_SUFFIXES, OUTPUT_FORMATS, STATS_FORMATS, image_stem, output_stem
 from .progress import Progress
 from .request import SegmentationRequest
 
@@ -252,7 +252,7 @@ def _plan_run(
         )
         stats = None
         if getattr(args, "stats", None):
-            stats = output.parent / f"{output.name[: -len(OUTPUT_SUFFIXES[fmt])]}.stats.{args.stats}"
+            stats = output.parent / f"{output_stem(output.name, fmt)}.stats.{args.stats}"
             plan.add(stats, f"statistics{' of ' + scan.name if batch else ''}")
         planned.append((output, split, summary, fmt, stats))
     return planned

@@ -38,6 +38,14 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 STATS_FORMATS: tuple[str, ...] = ("csv", "json")
 
 
+def output_stem(name: str, fmt: str) -> str:
+    """``name`` without the suffix of output format ``fmt`` it ends with ("seg.nii" -> "seg")."""
+    for suffix in OUTPUT_FORMATS[fmt]:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def image_stem(name: str) -> str | None:
     """``name`` without its image suffix ("ct.nii.gz" -> "ct"; case-insensitive), None when it has none."""
     for suffix in IMAGE_SUFFIXES:
